@@ -91,7 +91,11 @@ def encode_mixed(x: torch.Tensor, k_outliers: int, bits: int = 4, group_size: in
         raise ValueError(f"k_outliers={k_outliers} must lie in 0..{K}")
     kn = K - k_outliers
     codes, scales, _ = quantize(x[..., :kn], normal_spec(bits, group_size, clip))
-    o_codes, o_scales, _ = quantize(x[..., kn:], outlier_spec())
+    if k_outliers:
+        o_codes, o_scales, _ = quantize(x[..., kn:], outlier_spec())
+    else:  # an empty outlier block: no codes, unit scales (nothing to reduce over)
+        o_codes = torch.zeros(x.shape[:-1] + (0,), dtype=torch.int8, device=x.device)
+        o_scales = torch.ones(x.shape[:-1] + (1,), dtype=torch.float16, device=x.device)
     return MixedQuantized(pack_nibbles(codes), scales, o_codes, o_scales, bits, group_size)
 
 

@@ -111,8 +111,10 @@ def compute_scales(x: torch.Tensor, spec: IntSpec):
         absmax = _reduce_groups(x, spec.group_size, _absmax)
         scale = (absmax * spec.clip / spec.qmax).clamp_min(MIN_SCALE).to(spec.scale_dtype)
         return scale, None
-    xmax = _reduce_groups(x, spec.group_size, _amax) * spec.clip
-    xmin = _reduce_groups(x, spec.group_size, _amin) * spec.clip
+    # The range always contains 0 (as GPTQ's quantizer does): a group of one sign would otherwise
+    # need a zero point outside 0..qmax, which the kernels' 4-bit zero cannot hold.
+    xmax = _reduce_groups(x, spec.group_size, _amax).clamp_min(0) * spec.clip
+    xmin = _reduce_groups(x, spec.group_size, _amin).clamp_max(0) * spec.clip
     scale = ((xmax - xmin) / spec.qmax).clamp_min(MIN_SCALE).to(spec.scale_dtype)
     zero = torch.round(-xmin / scale.float()).clamp(0, spec.qmax).to(spec.scale_dtype)
     return scale, zero
