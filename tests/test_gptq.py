@@ -35,28 +35,34 @@ def _rel_err(x, w, w_hat):
     return ((x @ w_hat.T - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("bits,group,outliers,cg,act_order", [
-    (4, 0, 0, 1, False), (4, 64, 16, 1, False), (3, 32, 16, 2, False),
-    (4, 48, 16, 1, False),  # 176 normal columns: groups 48,48,48,32 (partial, crosses blocks)
-    (4, 64, 16, 2, True), (3, 0, 0, 2, False),
+@pytest.mark.parametrize("bits,group,outliers,cg,act_order,sym", [
+    (4, 0, 0, 1, False, True), (4, 64, 16, 1, False, True), (3, 32, 16, 2, False, True),
+    (4, 48, 16, 1, False, True),  # 176 normal columns: groups 48,48,48,32 (partial, crosses blocks)
+    (4, 64, 16, 2, True, True), (3, 0, 0, 2, False, True), (4, 64, 16, 2, False, False),
 ])
-def test_gptq_reconstruction_beats_rtn(bits, group, outliers, cg, act_order):
+def test_gptq_reconstruction_beats_rtn(bits, group, outliers, cg, act_order, sym):
     x, w = _correlated_inputs(seed=bits + group, outliers=outliers)
-    spec = WeightSpec(bits=bits, group_size=group, outliers=outliers, channel_group=cg, clip=1.0)
+    spec = WeightSpec(bits=bits, group_size=group, outliers=outliers, channel_group=cg, clip=1.0,
+                      symmetric=sym)
     w_rtn, _ = rtn_quantize_weight(w, spec)
     w_gptq, _ = gptq_quantize_weight(w, _hessian(x).hessian, spec, block_size=64,
                                      act_order=act_order)
     assert _rel_err(x, w, w_gptq) < 0.8 * _rel_err(x, w, w_rtn)  # measured 0.67-0.72
 
 
-def test_diagonal_hessian_gives_exactly_rtn():
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_diagonal_hessian_gives_exactly_rtn(symmetric):
     # no correlations -> no error feedback -> GPTQ degenerates to RTN, codes and scales included
     _, w = _correlated_inputs()
-    spec = WeightSpec(bits=4, group_size=64, outliers=16, channel_group=2, clip=0.85)
+    spec = WeightSpec(bits=4, group_size=64, outliers=16, channel_group=2, clip=0.85,
+                      symmetric=symmetric)
     hessian = torch.diag(torch.rand(K, generator=torch.Generator().manual_seed(1)) + 0.5)
     w_rtn, p_rtn = rtn_quantize_weight(w, spec)
     w_gptq, p_gptq = gptq_quantize_weight(w, hessian, spec)
     assert torch.equal(w_rtn, w_gptq)
+    if not symmetric:
+        assert p_rtn is None and p_gptq is None  # the packed format is symmetric only
+        return
     for field in ("normal", "normal_scales", "outlier", "outlier_scales"):
         assert torch.equal(getattr(p_rtn, field), getattr(p_gptq, field))
 
