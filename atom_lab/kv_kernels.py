@@ -1,0 +1,378 @@
+"""4-bit KV cache on the GPU: quantize-and-append and fused decode attention (CuPy kernels).
+
+Cache layout: per-sequence contiguous, with lengths (not paged). Each (sequence, KV head) owns
+`capacity` consecutive token rows:
+  k_codes / v_codes    uint8 [batch, kv_heads, capacity, head_dim / 2]  formats.KVQuantized codes
+  k_params / v_params  int32 [batch, kv_heads, capacity]  fp16 scale (low half) | fp16 zero (high)
+  lengths              int32 [batch] on the device (the kernels read it) and mirrored on the host
+Why contiguous: the decode kernel streams each sequence's tokens as one linear run (16-byte
+coalesced copies, no page-table lookups), the append kernel addresses a row as
+base + length, and a benchmark or a fixed-batch evaluation knows its maximum length up front.
+The cost is memory reserved per slot up to `capacity`; a serving system that admits and evicts
+sequences dynamically would want paged blocks instead (the kernels would then take a block table).
+Scale and zero sit in one 32-bit word per token so the kernels fetch both with one load; the
+`k_quantized(b)` / `v_quantized(b)` views give them back as formats.KVQuantized tensors.
+
+Only one quantization group per head (kv_group_size 0 or head_dim) is supported: the decode
+kernel folds the dequantization into the dot products as s * (q.c - z * sum(q)), which needs one
+(scale, zero) per token row. Finer groups are refused with a clear error.
+
+Prefill: `prefill_attention` appends the fresh K/V quantized and computes attention on the fresh
+FP16 K/V with torch SDPA. Decode: `append` the new token's K/V, then `attend` with the query.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from atom_lab.cuda import get_kernel, require_kernel_backend
+from atom_lab.formats import KVQuantized, decode_kv, encode_kv, kv_bytes_per_token
+
+HEAD_DIMS = (64, 128)
+HEADS_PER_CTA = 8       # query heads one decode CTA serves (the mma's 8-wide dimension)
+WARPS = 4               # warps per decode CTA (kernels/decode_attention.cu)
+TILE = 16               # tokens per warp tile
+CHUNK_ALIGN = WARPS * TILE
+CAPACITY_ALIGN = 16     # capacity multiple: tiles never straddle the end of a row block
+APPEND_WARPS = 8
+DEFAULT_CTAS_PER_SM = 4
+_RING_STAGES = {"kv4": 4, "fp16": 3}
+
+
+def check_layout(head_dim: int, kv_heads: int, capacity: int, bits: int = 4,
+                 group_size: int = 0) -> None:
+    """Raise ValueError naming the key, the value and what is allowed."""
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim={head_dim}: the KV kernels support {HEAD_DIMS}")
+    if group_size not in (0, head_dim):
+        raise ValueError(f"kv_group_size={group_size}: the KV kernels support one group per head "
+                         f"(0 or {head_dim}); finer groups are fake-quant only")
+    if not 2 <= bits <= 4:
+        raise ValueError(f"kv_bits={bits}: the 4-bit KV cache holds codes of 2..4 bits")
+    if kv_heads < 1:
+        raise ValueError(f"kv_heads={kv_heads}: must be >= 1")
+    if capacity < 1 or capacity % CAPACITY_ALIGN:
+        raise ValueError(f"capacity={capacity}: must be a positive multiple of {CAPACITY_ALIGN}")
+
+
+def check_heads(q_heads: int, kv_heads: int) -> int:
+    """Query heads per KV head (GQA group); query heads must be a multiple of the KV heads."""
+    if q_heads < kv_heads or q_heads % kv_heads:
+        raise ValueError(f"q_heads={q_heads}: must be a positive multiple of kv_heads={kv_heads}")
+    return q_heads // kv_heads
+
+
+# ------------------------------------------------------------------------------------------------
+# Split-K planning (host side)
+
+@dataclass(frozen=True)
+class SplitPlan:
+    splits: int   # context partitions launched per (sequence, head block)
+    chunk: int    # tokens per partition, a multiple of CHUNK_ALIGN
+
+
+def plan_splits(ctas: int, max_len: int, slots: int, max_splits: int = 64,
+                overhead_tokens: int = CHUNK_ALIGN) -> SplitPlan:
+    """Pick the partition count minimizing waves * (chunk + per-CTA overhead).
+
+    ctas: CTAs without splitting (batch * kv_heads * head_blocks); slots: CTAs resident at once
+    (SMs * CTAs per SM). A wave model: a partially filled last wave costs a whole wave.
+    """
+    max_len = max(int(max_len), 1)
+    best, best_cost = SplitPlan(1, _align(max_len, CHUNK_ALIGN)), math.inf
+    for s in range(1, max_splits + 1):
+        chunk = _align(-(-max_len // s), CHUNK_ALIGN)
+        splits = -(-max_len // chunk)
+        if splits != s:
+            continue
+        waves = -(-ctas * splits // slots)
+        cost = waves * (chunk + overhead_tokens)
+        if cost < best_cost:
+            best, best_cost = SplitPlan(splits, chunk), cost
+    return best
+
+
+def _align(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch plumbing: CuPy kernels on torch's current stream, raw pointers as arguments
+
+def _ptr(t: torch.Tensor):
+    return np.uint64(t.data_ptr())
+
+
+@functools.lru_cache(maxsize=None)
+def _external_stream(ptr: int):
+    import cupy
+
+    return cupy.cuda.ExternalStream(ptr)
+
+
+def _launch(kernel, grid, block, args, smem: int = 0) -> None:
+    stream = _external_stream(torch.cuda.current_stream().cuda_stream)
+    with stream:
+        kernel(grid, block, args, shared_mem=smem)
+
+
+def _smem_bytes(fmt: str, head_dim: int) -> int:
+    """Dynamic shared memory of a decode CTA: the query rows plus each warp's cp.async ring."""
+    if fmt == "kv4":
+        stage = TILE * (head_dim // 2) + TILE * (head_dim // 2 + 16) + 2 * TILE * 4
+    else:
+        stage = 2 * TILE * (2 * head_dim + 16)
+    return HEADS_PER_CTA * head_dim * 2 + WARPS * _RING_STAGES[fmt] * stage
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_kernel(fmt: str, head_dim: int):
+    kernel = get_kernel("decode_attention", f"decode_attention_{fmt}_d{head_dim}")
+    smem = _smem_bytes(fmt, head_dim)
+    if smem > 48 * 1024:
+        kernel.max_dynamic_shared_size_bytes = smem
+    try:  # several CTAs' rings must fit on one SM: ask for the largest shared-memory carveout
+        kernel.preferred_shared_memory_carveout = 100
+    except Exception:  # a hint only; older CuPy lacks the attribute
+        pass
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _resident_ctas(fmt: str, head_dim: int, device_index: int) -> tuple[int, int]:
+    """(SM count, CTAs of this kernel resident per SM) from its registers and shared memory."""
+    props = torch.cuda.get_device_properties(device_index)
+    kernel = _decode_kernel(fmt, head_dim)
+    try:
+        regs = int(kernel.num_regs)
+    except Exception:  # attribute missing in some CuPy versions: assume the launch-bounds cap
+        regs = 128
+    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    by_regs = 65536 // max(regs * WARPS * 32, 1)
+    by_smem = smem_sm // (_smem_bytes(fmt, head_dim) + 1024)
+    return props.multi_processor_count, max(1, min(by_regs, by_smem, 64 // WARPS))
+
+
+_TICKETS: dict[int, torch.Tensor] = {}
+
+
+def _tickets(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed split-K counters; each merging CTA resets its own, so they stay zero between calls."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    t = _TICKETS.get(idx)
+    if t is None or t.numel() < n:
+        t = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _TICKETS[idx] = t
+    return t
+
+
+# ------------------------------------------------------------------------------------------------
+# Decode attention
+
+def decode_attention_kv4(q, k_codes, k_params, v_codes, v_params, lengths, max_len: int,
+                         softmax_scale: float | None = None, plan: SplitPlan | None = None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q K^T * scale) V over each sequence's first lengths[b] cached tokens, 4-bit cache.
+
+    q [B, Hq, D] fp16; k_codes/v_codes uint8 [B, Hkv, cap, D/2]; k_params/v_params int32
+    [B, Hkv, cap]; lengths int32 [B] on the device, max_len >= max(lengths) known on the host.
+    Returns [B, Hq, D] fp16 (written into `out` if given).
+    """
+    B, Hkv, cap, half_d = k_codes.shape
+    return _decode("kv4", q, k_codes, k_params, v_codes, v_params, lengths, max_len, B, Hkv, cap,
+                   2 * half_d, softmax_scale, plan, out)
+
+
+def decode_attention_fp16(q, k, v, lengths, max_len: int, softmax_scale: float | None = None,
+                          plan: SplitPlan | None = None,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
+    """The same kernel reading an FP16 cache k, v [B, Hkv, cap, D] (the comparison point)."""
+    B, Hkv, cap, D = k.shape
+    return _decode("fp16", q, k, None, v, None, lengths, max_len, B, Hkv, cap, D, softmax_scale,
+                   plan, out)
+
+
+def _decode(fmt, q, k, kp, v, vp, lengths, max_len, B, Hkv, cap, D, softmax_scale, plan, out):
+    require_kernel_backend()
+    check_layout(D, Hkv, cap)
+    if q.dim() != 3 or q.shape[0] != B or q.shape[2] != D or q.dtype != torch.float16:
+        raise ValueError(f"q: expected fp16 [batch={B}, q_heads, head_dim={D}], "
+                         f"got {q.dtype} {tuple(q.shape)}")
+    if not 0 <= max_len <= cap:
+        raise ValueError(f"max_len={max_len}: must lie in 0..capacity={cap}")
+    group = check_heads(q.shape[1], Hkv)
+    head_blocks = -(-group // HEADS_PER_CTA)
+    device = q.device
+    if plan is None:
+        sms, per_sm = _resident_ctas(fmt, D, device.index or 0)
+        plan = plan_splits(B * Hkv * head_blocks, max_len, sms * per_sm)
+    if plan.chunk % CHUNK_ALIGN or plan.splits * plan.chunk < max_len:
+        raise ValueError(f"plan={plan}: chunk must be a multiple of {CHUNK_ALIGN} and "
+                         f"splits * chunk must cover max_len={max_len}")
+    if out is None:
+        out = torch.empty_like(q)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    if plan.splits > 1:
+        part_o = torch.empty(B * q.shape[1] * plan.splits * D, dtype=torch.float32, device=device)
+        part_lse = torch.empty(B * q.shape[1] * plan.splits, dtype=torch.float32, device=device)
+    else:
+        part_o = part_lse = out  # never touched with one split
+    tickets = _tickets(B * Hkv * head_blocks, device)
+    q = q.contiguous()
+    null = np.uint64(0)
+    args = (_ptr(q), _ptr(k), _ptr(kp) if kp is not None else null, _ptr(v),
+            _ptr(vp) if vp is not None else null, _ptr(lengths), np.int32(Hkv), np.int32(group),
+            np.int32(head_blocks), np.int32(cap), np.int32(plan.chunk), np.int32(plan.splits),
+            np.float32(scale * math.log2(math.e)), _ptr(out), _ptr(part_o), _ptr(part_lse),
+            _ptr(tickets))
+    _launch(_decode_kernel(fmt, D), (plan.splits, Hkv * head_blocks, B), (WARPS * 32, 1, 1), args,
+            _smem_bytes(fmt, D))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The cache object
+
+class QuantizedKVCache:
+    """One layer's 4-bit KV cache for a batch of sequences (per-sequence contiguous rows)."""
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, bits: int = 4,
+                 group_size: int = 0, clip: float = 1.0, device=None):
+        check_layout(head_dim, kv_heads, capacity, bits, group_size)
+        if not 0.0 < clip <= 1.0:
+            raise ValueError(f"kv_clip={clip}: clip ratio must lie in (0, 1]")
+        if batch < 1:
+            raise ValueError(f"batch={batch}: must be >= 1")
+        require_kernel_backend()
+        device = torch.device(device if device is not None else "cuda")
+        self.batch, self.kv_heads, self.head_dim, self.capacity = batch, kv_heads, head_dim, capacity
+        self.bits, self.clip = bits, clip
+        shape = (batch, kv_heads, capacity)
+        self.k_codes = torch.zeros(shape + (head_dim // 2,), dtype=torch.uint8, device=device)
+        self.v_codes = torch.zeros_like(self.k_codes)
+        self.k_params = torch.zeros(shape, dtype=torch.int32, device=device)
+        self.v_params = torch.zeros_like(self.k_params)
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.host_lengths = np.zeros(batch, dtype=np.int64)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k_codes.device
+
+    def bytes_per_token(self) -> int:
+        """K + V bytes of one cached token over all KV heads (codes, scales, zeros)."""
+        return kv_bytes_per_token(self.head_dim, self.kv_heads, self.bits)
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+        self.host_lengths[:] = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, counts=None) -> None:
+        """Quantize and append new tokens: k, v [B, Hkv, D] (one token) or [B, Hkv, T, D].
+
+        counts: tokens of each sequence to take (a length-B sequence of ints <= T; default T),
+        so a padded ragged prefill appends only each sequence's real tokens.
+        """
+        if k.dim() == 3:
+            k, v = k.unsqueeze(2), v.unsqueeze(2)
+        expect = (self.batch, self.kv_heads)
+        for name, t in (("k", k), ("v", v)):
+            if t.dim() != 4 or tuple(t.shape[:2]) != expect or t.shape[3] != self.head_dim:
+                raise ValueError(f"{name}: expected [batch={self.batch}, kv_heads={self.kv_heads}, "
+                                 f"T, head_dim={self.head_dim}], got {tuple(t.shape)}")
+            if t.dtype != torch.float16:
+                raise ValueError(f"{name}: expected float16, got {t.dtype}")
+        if k.shape != v.shape:
+            raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape")
+        T = k.shape[2]
+        host_counts = np.full(self.batch, T, dtype=np.int64) if counts is None else \
+            np.asarray(counts, dtype=np.int64).reshape(-1)
+        if host_counts.shape != (self.batch,) or (host_counts < 0).any() or (host_counts > T).any():
+            raise ValueError(f"counts={list(host_counts)}: need {self.batch} values in 0..{T}")
+        new_lengths = self.host_lengths + host_counts
+        if (new_lengths > self.capacity).any():
+            b = int(np.argmax(new_lengths > self.capacity))
+            raise ValueError(f"append of {int(host_counts[b])} tokens to sequence {b} of length "
+                             f"{int(self.host_lengths[b])} exceeds capacity={self.capacity}")
+        dev_counts = _const_counts(T, self.batch, self.device) if counts is None else \
+            torch.as_tensor(host_counts, dtype=torch.int32).to(self.device, non_blocking=True)
+        k, v = k.contiguous(), v.contiguous()
+        rows = self.batch * self.kv_heads * T
+        kernel = get_kernel("kv_quant_append", f"kv_quant_append_d{self.head_dim}")
+        args = (_ptr(k), _ptr(v), _ptr(dev_counts), _ptr(self.lengths), _ptr(self.k_codes),
+                _ptr(self.k_params), _ptr(self.v_codes), _ptr(self.v_params),
+                np.int32(self.batch), np.int32(self.kv_heads), np.int32(T),
+                np.int32(self.capacity), np.int32(2**self.bits - 1), np.float32(self.clip))
+        _launch(kernel, (-(-rows // APPEND_WARPS), 2, 1), (APPEND_WARPS * 32, 1, 1), args)
+        self.lengths += dev_counts
+        self.host_lengths = new_lengths
+
+    def attend(self, q: torch.Tensor, softmax_scale: float | None = None,
+               plan: SplitPlan | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode attention of q [B, Hq, D] fp16 over the cached tokens -> [B, Hq, D] fp16."""
+        return decode_attention_kv4(q, self.k_codes, self.k_params, self.v_codes, self.v_params,
+                                    self.lengths, int(self.host_lengths.max()), softmax_scale,
+                                    plan, out)
+
+    def k_quantized(self, b: int) -> KVQuantized:
+        return self._quantized(self.k_codes, self.k_params, b)
+
+    def v_quantized(self, b: int) -> KVQuantized:
+        return self._quantized(self.v_codes, self.v_params, b)
+
+    def _quantized(self, codes, params, b) -> KVQuantized:
+        """Sequence b's cached rows as formats.KVQuantized ([Hkv, length, ...])."""
+        n = int(self.host_lengths[b])
+        halves = params[b, :, :n].contiguous().view(torch.float16).view(self.kv_heads, n, 2)
+        return KVQuantized(codes[b, :, :n], halves[..., :1].contiguous(),
+                           halves[..., 1:].contiguous(), self.bits, 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _const_counts(T: int, batch: int, device: torch.device) -> torch.Tensor:
+    return torch.full((batch,), T, dtype=torch.int32, device=device)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      cache: QuantizedKVCache, counts=None) -> torch.Tensor:
+    """Prefill: write k, v [B, Hkv, T, D] into the empty cache quantized, and return causal SDPA
+    on the fresh FP16 q [B, Hq, T, D], k, v (rows past a sequence's count are padding)."""
+    if cache.host_lengths.any():
+        raise ValueError("prefill_attention needs an empty cache (lengths all 0); "
+                         "use append + attend for tokens after the prompt")
+    check_heads(q.shape[1], k.shape[1])
+    cache.append(k, v, counts)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# The CPU reference (the kernels' contract)
+
+def reference_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths,
+                               bits: int = 4, clip: float = 1.0, quantized: bool = True,
+                               softmax_scale: float | None = None) -> torch.Tensor:
+    """Exact float64 attention of q [B, Hq, D] over k, v [B, Hkv, L, D] (first lengths[b] rows),
+    on encode_kv -> decode_kv of the fp16 K/V when `quantized`. Returns [B, Hq, D] float64."""
+    B, Hq, D = q.shape
+    group = check_heads(Hq, k.shape[1])
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    out = torch.zeros(B, Hq, D, dtype=torch.float64, device=q.device)
+    for b in range(B):
+        n = int(lengths[b])
+        if n == 0:
+            continue
+        kb, vb = k[b, :, :n], v[b, :, :n]
+        if quantized:
+            kb = decode_kv(encode_kv(kb, bits, 0, clip), torch.float64)
+            vb = decode_kv(encode_kv(vb, bits, 0, clip), torch.float64)
+        kb = kb.double().repeat_interleave(group, dim=0)
+        vb = vb.double().repeat_interleave(group, dim=0)
+        scores = torch.einsum("hd,hnd->hn", q[b].double(), kb) * scale
+        out[b] = torch.einsum("hn,hnd->hd", torch.softmax(scores, dim=-1), vb)
+    return out

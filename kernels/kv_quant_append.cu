@@ -1,0 +1,111 @@
+// Quantize-and-append for the 4-bit KV cache (formats.KVQuantized, one group per head).
+//
+// One warp quantizes one (sequence, kv head, new token) row of head_dim FP16 values and writes it at
+// position lengths[b] + t of that sequence's contiguous cache rows: head_dim / 2 bytes of
+// nibble-packed unsigned codes and one 32-bit word holding (fp16 scale, fp16 zero) in its low and
+// high halves. blockIdx.y picks K (0) or V (1), so one launch appends both.
+//
+// Arithmetic is encode_kv's, bit for bit: scale = max(clip*max - clip*min) / qmax in fp32, clamped
+// to 1e-5, rounded to fp16; zero = clamp(rint(-clip*min / float(scale)), 0, qmax);
+// code = clamp(rint(x / float(scale)) + zero, 0, qmax) with true IEEE division (no fast math).
+// Self-contained (no headers) so NVRTC needs no include path.
+
+#define APPEND_WARPS 8
+#define MIN_SCALE 1e-5f
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+__device__ __forceinline__ float half_to_float(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 float_to_half(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ int code_of(float x, float scale, float zero, int qmax) {
+    float q = rintf(x / scale) + zero;
+    return (int)fminf(fmaxf(q, 0.f), (float)qmax);
+}
+
+// E = head_dim / 32 consecutive values per lane: 2 (head_dim 64) or 4 (head_dim 128).
+template <int D>
+__device__ void quant_append_row(const u16* __restrict__ src, u8* __restrict__ codes,
+                                 u32* __restrict__ params, int qmax, float clip) {
+    constexpr int E = D / 32;
+    const int lane = threadIdx.x & 31;
+    float x[E];
+    if (E == 4) {
+        uint2 raw = reinterpret_cast<const uint2*>(src)[lane];
+        x[0] = half_to_float(raw.x & 0xFFFF);
+        x[1] = half_to_float(raw.x >> 16);
+        x[2] = half_to_float(raw.y & 0xFFFF);
+        x[3] = half_to_float(raw.y >> 16);
+    } else {
+        u32 raw = reinterpret_cast<const u32*>(src)[lane];
+        x[0] = half_to_float(raw & 0xFFFF);
+        x[1] = half_to_float(raw >> 16);
+    }
+    float mx = x[0], mn = x[0];
+#pragma unroll
+    for (int e = 1; e < E; ++e) {
+        mx = fmaxf(mx, x[e]);
+        mn = fminf(mn, x[e]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+    }
+    const float xmax = mx * clip, xmin = mn * clip;
+    const u16 scale_h = float_to_half(fmaxf((xmax - xmin) / (float)qmax, MIN_SCALE));
+    const float scale = half_to_float(scale_h);
+    const float zero = fminf(fmaxf(rintf(-xmin / scale), 0.f), (float)qmax);
+    u32 packed = 0;
+#pragma unroll
+    for (int e = 0; e < E; ++e) packed |= (u32)code_of(x[e], scale, zero, qmax) << (4 * e);
+    if (E == 4)
+        reinterpret_cast<u16*>(codes)[lane] = (u16)packed;
+    else
+        codes[lane] = (u8)packed;
+    if (lane == 0) *params = (u32)scale_h | ((u32)float_to_half(zero) << 16);
+}
+
+// new_k / new_v: [batch, heads, T, D] fp16 contiguous. counts[b] <= T new tokens of sequence b are
+// written at lengths[b] .. lengths[b] + counts[b] - 1 (the caller checks the capacity and then
+// advances lengths). Cache: codes [batch, heads, capacity, D/2], params [batch, heads, capacity].
+template <int D>
+__device__ void quant_append(const u16* __restrict__ new_k, const u16* __restrict__ new_v,
+                             const int* __restrict__ counts, const int* __restrict__ lengths,
+                             u8* __restrict__ k_codes, u32* __restrict__ k_params,
+                             u8* __restrict__ v_codes, u32* __restrict__ v_params, int batch,
+                             int heads, int T, int capacity, int qmax, float clip) {
+    const long long row = (long long)blockIdx.x * APPEND_WARPS + (threadIdx.x >> 5);
+    if (row >= (long long)batch * heads * T) return;
+    const int t = (int)(row % T);
+    const long long bh = row / T;  // b * heads + h
+    const int b = (int)(bh / heads);
+    if (t >= counts[b]) return;
+    const long long dst = bh * capacity + lengths[b] + t;
+    const bool is_v = blockIdx.y == 1;
+    quant_append_row<D>((is_v ? new_v : new_k) + row * D, (is_v ? v_codes : k_codes) + dst * (D / 2),
+                        (is_v ? v_params : k_params) + dst, qmax, clip);
+}
+
+#define DEFINE_APPEND(D)                                                                          \
+    extern "C" __global__ void __launch_bounds__(APPEND_WARPS * 32) kv_quant_append_d##D(        \
+        const u16* new_k, const u16* new_v, const int* counts, const int* lengths, u8* k_codes,   \
+        u32* k_params, u8* v_codes, u32* v_params, int batch, int heads, int T, int capacity,     \
+        int qmax, float clip) {                                                                   \
+        quant_append<D>(new_k, new_v, counts, lengths, k_codes, k_params, v_codes, v_params,      \
+                        batch, heads, T, capacity, qmax, clip);                                   \
+    }
+
+DEFINE_APPEND(64)
+DEFINE_APPEND(128)

@@ -1,0 +1,220 @@
+"""4-bit KV cache kernels: append == encode_kv bit for bit, decode attention == the float64
+reference on fresh random inputs with ragged lengths (GPU tests skip without CuPy and a GPU),
+plus the host-side checks and the reference itself (CPU)."""
+import math
+
+import pytest
+import torch
+
+from atom_lab import kv_kernels as kk
+from atom_lab.cuda import kernel_backend_available
+from atom_lab.formats import decode_kv, encode_kv, kv_bytes_per_token
+
+gpu = pytest.mark.skipif(not kernel_backend_available(), reason="needs CuPy and a CUDA GPU")
+
+
+def _rel(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU: layout checks, split planning, the reference
+
+@pytest.mark.parametrize("kwargs, key", [
+    (dict(head_dim=96, kv_heads=2, capacity=64), "head_dim=96"),
+    (dict(head_dim=128, kv_heads=2, capacity=64, group_size=32), "kv_group_size=32"),
+    (dict(head_dim=64, kv_heads=2, capacity=100), "capacity=100"),
+    (dict(head_dim=64, kv_heads=2, capacity=64, bits=8), "kv_bits=8"),
+])
+def test_layout_refused_with_the_key_named(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        kk.check_layout(**kwargs)
+
+
+def test_gqa_heads_must_be_a_multiple():
+    assert kk.check_heads(32, 8) == 4
+    with pytest.raises(ValueError, match="q_heads=12"):
+        kk.check_heads(12, 8)
+
+
+@pytest.mark.parametrize("ctas, max_len", [(32, 512), (128, 2048), (512, 2048), (8192, 8192),
+                                           (1, 1), (7, 100_000)])
+def test_split_plan_covers_the_context(ctas, max_len):
+    plan = kk.plan_splits(ctas, max_len, slots=132 * 4)
+    assert plan.chunk % kk.CHUNK_ALIGN == 0
+    assert plan.splits * plan.chunk >= max_len > (plan.splits - 1) * plan.chunk
+    if ctas >= 132 * 4:  # the batch fills the GPU: no partitions
+        assert plan.splits == 1
+
+
+def test_split_plan_partitions_a_small_batch():
+    plan = kk.plan_splits(128, 8192, slots=132 * 4)  # batch 16 x 8 KV heads
+    assert 128 * plan.splits >= 132 * 4 // 2
+
+
+def test_memory_per_token_under_0_3_of_fp16():
+    for head_dim in kk.HEAD_DIMS:
+        fp16 = 2 * 8 * head_dim * 2
+        assert kv_bytes_per_token(head_dim, 8) <= 0.3 * fp16
+
+
+def test_reference_is_exact_attention_without_quantization():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 64, generator=g).half()
+    k = torch.randn(2, 2, 40, 64, generator=g).half()
+    v = torch.randn(2, 2, 40, 64, generator=g).half()
+    lengths = [40, 13]
+    ref = kk.reference_decode_attention(q, k, v, lengths, quantized=False)
+    for b, n in enumerate(lengths):
+        kr = k[b, :, :n].repeat_interleave(2, 0).double()
+        vr = v[b, :, :n].repeat_interleave(2, 0).double()
+        expect = torch.nn.functional.scaled_dot_product_attention(
+            q[b].double().unsqueeze(1), kr, vr).squeeze(1)
+        torch.testing.assert_close(ref[b], expect, rtol=1e-10, atol=1e-10)
+
+
+def test_reference_quantized_error_is_that_of_4_bit_kv():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 8, 128, generator=g).half()
+    k = torch.randn(1, 8, 256, 128, generator=g).half()
+    v = torch.randn(1, 8, 256, 128, generator=g).half()
+    exact = kk.reference_decode_attention(q, k, v, [256], quantized=False)
+    q4 = kk.reference_decode_attention(q, k, v, [256], quantized=True)
+    q3 = kk.reference_decode_attention(q, k, v, [256], bits=3, quantized=True)
+    err4, err3 = _rel(q4, exact), _rel(q3, exact)
+    assert 0.05 < err4 < 0.3  # 4-bit KV perturbs the output, boundedly (0.135 here)
+    assert err3 > 1.5 * err4  # and fewer bits perturb it more
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the kernels
+
+def _rand(shape, scale=1.0, gen=None):
+    return (torch.randn(shape, generator=gen) * scale).half()
+
+
+@gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("bits, clip", [(4, 1.0), (4, 0.9), (3, 1.0)])
+def test_append_writes_exactly_encode_kv(head_dim, bits, clip):
+    gen = torch.Generator().manual_seed(head_dim + bits)
+    B, H, T = 3, 2, 24
+    cache = kk.QuantizedKVCache(B, H, head_dim, capacity=48, bits=bits, clip=clip)
+    k0, v0 = _rand((B, H, T, head_dim), 3.0, gen), _rand((B, H, T, head_dim), 0.5, gen)
+    k0[0, 0, 1] = 0.25          # a constant row: the scale clamps to 1e-5
+    k0[1, 1, 2, :7] = 60000.0   # a row with a huge range
+    counts = [5, 0, 24]
+    cache.append(k0.cuda(), v0.cuda(), counts)
+    steps = [(_rand((B, H, head_dim), 2.0, gen), _rand((B, H, head_dim), 2.0, gen)) for _ in range(2)]
+    for k1, v1 in steps:
+        cache.append(k1.cuda(), v1.cuda())
+    torch.cuda.synchronize()
+    assert cache.lengths.tolist() == [n + 2 for n in counts]
+    for b, n in enumerate(counts):
+        for which, first, new in (("k", k0, [s[0] for s in steps]), ("v", v0, [s[1] for s in steps])):
+            rows = torch.cat([first[b, :, :n]] + [t[b].unsqueeze(1) for t in new], dim=1)
+            expect = encode_kv(rows, bits, 0, clip)
+            got = getattr(cache, f"{which}_quantized")(b)
+            assert torch.equal(got.codes.cpu(), expect.codes), (which, b)
+            assert torch.equal(got.scales.cpu(), expect.scales), (which, b)
+            assert torch.equal(got.zeros.cpu(), expect.zeros), (which, b)
+
+
+@gpu
+def test_append_refuses_overflow_and_bad_shapes():
+    cache = kk.QuantizedKVCache(2, 2, 64, capacity=16)
+    x = torch.zeros(2, 2, 16, 64, dtype=torch.float16, device="cuda")
+    cache.append(x, x)
+    with pytest.raises(ValueError, match="exceeds capacity=16"):
+        cache.append(x[:, :, 0], x[:, :, 0])
+    with pytest.raises(ValueError, match="kv_heads=2"):
+        cache.append(x[:, :1], x[:, :1])
+
+
+def _filled_cache(B, Hkv, D, lengths, gen, capacity=None):
+    cap = capacity or -(-max(lengths) // 16) * 16
+    k = _rand((B, Hkv, cap, D), 1.0, gen)
+    v = _rand((B, Hkv, cap, D), 1.0, gen)
+    cache = kk.QuantizedKVCache(B, Hkv, D, cap)
+    cache.append(k.cuda(), v.cuda(), lengths)
+    return cache, k, v
+
+
+@gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kv_heads, group", [(2, 1), (2, 3), (1, 4), (2, 8), (1, 12)])
+@pytest.mark.parametrize("chunk", [None, 64, 1024])  # planned, many partitions, one partition
+def test_decode_kv4_matches_reference(head_dim, kv_heads, group, chunk):
+    gen = torch.Generator().manual_seed(head_dim * 100 + kv_heads * 10 + group)
+    lengths = [1, 17, 300, 1000]
+    B = len(lengths)
+    cache, k, v = _filled_cache(B, kv_heads, head_dim, lengths, gen)
+    q = _rand((B, kv_heads * group, head_dim), 2.0, gen)  # peaked softmax, not uniform
+    ref = kk.reference_decode_attention(q, k, v, lengths)
+    plan = None if chunk is None else kk.SplitPlan(-(-max(lengths) // chunk), chunk)
+    for _ in range(2):  # twice: the split-K tickets must reset themselves
+        out = torch.full_like(q, float("nan")).cuda()
+        cache.attend(q.cuda(), plan=plan, out=out)
+        torch.cuda.synchronize()
+        out = out.cpu()
+        assert torch.isfinite(out).all()
+        assert _rel(out, ref) < 2e-3
+        assert (out.double() - ref).abs().max() < 1e-2 * ref.abs().max()
+
+
+@gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kv_heads, group", [(4, 1), (2, 4)])
+def test_decode_fp16_matches_exact(head_dim, kv_heads, group):
+    gen = torch.Generator().manual_seed(7 + head_dim + group)
+    lengths = [3, 64, 777]
+    cap = 784
+    B = len(lengths)
+    k, v = _rand((B, kv_heads, cap, head_dim), 1.0, gen), _rand((B, kv_heads, cap, head_dim), 1.0, gen)
+    q = _rand((B, kv_heads * group, head_dim), 2.0, gen)
+    ref = kk.reference_decode_attention(q, k, v, lengths, quantized=False)
+    out = torch.full_like(q, float("nan")).cuda()
+    kk.decode_attention_fp16(q.cuda(), k.cuda(), v.cuda(),
+                             torch.tensor(lengths, dtype=torch.int32, device="cuda"), max(lengths),
+                             out=out)
+    out = out.cpu()
+    assert torch.isfinite(out).all()
+    assert _rel(out, ref) < 2e-3
+
+
+@gpu
+def test_prefill_then_decode_over_the_quantized_prefix():
+    gen = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, D, T = 2, 8, 2, 128, 40
+    counts = [40, 23]
+    q = _rand((B, Hq, T, D), 1.0, gen).cuda()
+    k, v = _rand((B, Hkv, T, D), 1.0, gen), _rand((B, Hkv, T, D), 1.0, gen)
+    cache = kk.QuantizedKVCache(B, Hkv, D, capacity=64)
+    out = kk.prefill_attention(q, k.cuda(), v.cuda(), cache, counts)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k.cuda(), v.cuda(), is_causal=True,
+                                                            enable_gqa=True)
+    torch.testing.assert_close(out, sdpa)
+    k1, v1 = _rand((B, Hkv, D), 1.0, gen), _rand((B, Hkv, D), 1.0, gen)
+    cache.append(k1.cuda(), v1.cuda())
+    q1 = _rand((B, Hq, D), 2.0, gen)
+    full_k = torch.zeros(B, Hkv, T + 1, D, dtype=torch.float16)
+    full_v = torch.zeros_like(full_k)
+    for b, n in enumerate(counts):
+        full_k[b, :, :n], full_k[b, :, n] = k[b, :, :n], k1[b]
+        full_v[b, :, :n], full_v[b, :, n] = v[b, :, :n], v1[b]
+    lengths = [n + 1 for n in counts]
+    ref = kk.reference_decode_attention(q1, full_k, full_v, lengths)
+    got = cache.attend(q1.cuda()).cpu()
+    assert _rel(got, ref) < 2e-3
+    with pytest.raises(ValueError, match="empty cache"):
+        kk.prefill_attention(q, k.cuda(), v.cuda(), cache)
+
+
+@gpu
+def test_reference_of_cache_contents_is_decode_kv():
+    """The kernel's dequantization is formats.decode_kv of what the cache holds."""
+    gen = torch.Generator().manual_seed(5)
+    cache, k, v = _filled_cache(1, 2, 64, [50], gen)
+    expect = decode_kv(encode_kv(k[0, :, :50]))
+    torch.testing.assert_close(decode_kv(cache.k_quantized(0)).cpu(), expect, rtol=0, atol=0)
+    assert math.isclose(cache.bytes_per_token(), kv_bytes_per_token(64, 2))
