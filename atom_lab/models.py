@@ -10,7 +10,8 @@
   device     torch device string
   n_layers   optional decoder layer count override (random models only)
   shape      random models only: tiny | llama7b
-and returns (model, tokenizer) in eval mode.
+and returns (model, tokenizer) in eval mode. Keys given in the config win over the `device` and
+`dtype` arguments. llama7b_random returns tokenizer None (speed benchmarks feed random ids).
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from atom_lab.config import CalibConfig, ConfigError
 from atom_lab.models import decoder_layers, tiny_random_llama
 
 DATA_ROOT = os.environ.get("ATOM_LAB_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+needs_data = pytest.mark.skipif(not Path(DATA_ROOT, "wikitext2").is_dir(), reason=f"no data at {DATA_ROOT}")
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +105,7 @@ class CharTokenizer:
         return type("Encoding", (), {"input_ids": ids})()
 
 
+@needs_data
 def test_calibration_windows_from_wikitext_are_seeded():
     cfg = CalibConfig(nsamples=4, seqlen=32, seed=0)
     a = calibration_windows_for(CharTokenizer(), cfg, DATA_ROOT)
@@ -125,6 +127,7 @@ def test_bad_windows_rejected(model):
         collect_input_stats(model, torch.zeros(8, dtype=torch.long), progress=False)
 
 
+@needs_data
 def test_calibrate_end_to_end_uses_cache(model, tmp_path):
     cfg = {"nsamples": 2, "seqlen": 16, "seed": 0, "cache_dir": str(tmp_path)}
     stats = calibration.calibrate(model, CharTokenizer(), cfg, "tiny", DATA_ROOT, progress=False)

