@@ -113,20 +113,27 @@ def _wandb_log_payloads(data: bytes):
             yield b"".join(pieces + [payload])
 
 
-def read_offline_summary(run_dir: Path) -> dict:
+def read_offline_summary(run_dir: Path, wait_s: float = 30.0) -> dict:
     """The summary metrics stored in an offline W&B run directory (offline-run-*/run-*.wandb),
-    read without syncing; lets tests and users check what an offline run recorded."""
+    read without syncing. W&B's writer process may still be flushing right after finish(): wait
+    up to `wait_s` seconds for the run's exit record."""
     import json
+    import time
 
     from wandb.proto import wandb_internal_pb2
 
-    summary = {}
-    for path in sorted(Path(run_dir).glob("run-*.wandb")):
-        for payload in _wandb_log_payloads(path.read_bytes()):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(payload)
-            if record.WhichOneof("record_type") == "summary":
-                for item in record.summary.update:
-                    key = item.key or "/".join(item.nested_key)
-                    summary[key] = json.loads(item.value_json)
-    return summary
+    deadline = time.monotonic() + wait_s
+    while True:
+        summary, finished = {}, False
+        for path in sorted(Path(run_dir).glob("run-*.wandb")):
+            for payload in _wandb_log_payloads(path.read_bytes()):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(payload)
+                kind = record.WhichOneof("record_type")
+                finished |= kind == "exit"
+                if kind == "summary":
+                    for item in record.summary.update:
+                        summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        if finished or time.monotonic() > deadline:
+            return summary
+        time.sleep(0.2)

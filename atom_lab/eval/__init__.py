@@ -1,0 +1,1 @@
+"""Evaluators: GPTQ-style perplexity (perplexity.py) and lm-eval zero-shot (zeroshot.py, lm.py)."""
