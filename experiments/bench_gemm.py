@@ -1,0 +1,492 @@
+"""W4A4 kernels on the GPU (issue 4): correctness pass, measured ceilings, timing table.
+
+    python3 experiments/bench_gemm.py --out DIR [--quick]
+
+One call does everything, in this order:
+1. correctness: quantize kernels (plain, RMSNorm, SiLU*up; gather fused) against the CPU reference
+   encoder, and every GEMM variant against formats.mixed_gemm_reference, on fresh random inputs
+   with poisoned outputs, odd M, groups 64/128, outliers 0/16/128/256;
+2. ceilings measured in the same run: HBM bandwidth (device-to-device copy, bytes read + written),
+   the INT8 mma.sync rate (register-resident microbenchmark), torch._int_mm and cuBLAS FP16 at
+   8192^3;
+3. timings: (K, N) in {(4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288)}, M in
+   {1, 16, 64, 256, 1024, 4096}, 128 outliers, group 128: our quantize (with the reorder gather),
+   GEMM (every variant, and the dispatched one), both; cuBLAS FP16 (torch.matmul); W8A8
+   (torch._int_mm alone, and with the per-token x per-channel scale epilogue in torch).
+   Each row's floor = max(2MNK / INT8 rate, bytes / HBM bandwidth).
+Timing: CUDA events around a batch of launches queued behind a GPU spin (so Python launch cost
+never shows), inputs rotated over enough copies to exceed 3x the L2, median of 7 batches.
+Writes gemm_<gpu>.csv, gemm_<gpu>_variants.csv, gemm_<gpu>.md, gemm_<gpu>.png, gemm_<gpu>_log.txt.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from atom_lab import kernel_ops as ko  # noqa: E402
+from atom_lab.formats import MixedQuantized, decode_mixed, encode_mixed  # noqa: E402
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288)]
+MS = [1, 16, 64, 256, 1024, 4096]
+OUTLIERS, GROUP, A_CLIP = 128, 128, 0.9
+ROTATE_BYTES = 150e6  # > 3x the 50 MB L2
+TRIALS = 7
+SPIN_CYCLES_PER_MS = 2.0e6  # an upper bound of the SM clock: the spin lasts at least as long
+LOG: list[str] = []
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+    LOG.append(msg)
+
+
+# --------------------------------------------------------------------------------------- inputs
+
+
+def activations(m: int, k_total: int, device="cuda") -> torch.Tensor:
+    """FP16 activations with a few large channels, as LLM linear inputs have."""
+    x = torch.randn(m, k_total, device=device)
+    hot = torch.randperm(k_total, device=device)[: max(1, k_total // 64)]
+    x[:, hot] *= 20
+    return x.half()
+
+
+def poisoned_mixed(m: int, kn: int, k: int, group: int, bits: int, byte: int) -> MixedQuantized:
+    dev = "cuda"
+    return MixedQuantized(
+        normal=torch.full((m, kn // 2), byte, dtype=torch.uint8, device=dev),
+        normal_scales=torch.full((m, kn // group), float("nan"), dtype=torch.float16, device=dev),
+        outlier=torch.full((m, k), byte - 256 if byte > 127 else byte, dtype=torch.int8, device=dev),
+        outlier_scales=torch.full((m, 1), float("nan"), dtype=torch.float16, device=dev),
+        bits=bits, group_size=group)
+
+
+def to_cuda(q: MixedQuantized) -> MixedQuantized:
+    return MixedQuantized(q.normal.cuda(), q.normal_scales.cuda(), q.outlier.cuda(),
+                          q.outlier_scales.cuda(), q.bits, q.group_size)
+
+
+def clone_mixed(q: MixedQuantized) -> MixedQuantized:
+    return MixedQuantized(q.normal.clone(), q.normal_scales.clone(), q.outlier.clone(),
+                          q.outlier_scales.clone(), q.bits, q.group_size)
+
+
+# ---------------------------------------------------------------------------------- correctness
+
+QUANT_CASES = [  # (M, K, k, G, bits, clip, gather)
+    (1, 1024, 128, 128, 4, 0.9, True),
+    (37, 4096, 128, 128, 4, 0.9, True),
+    (16, 1152, 0, 64, 4, 1.0, True),
+    (5, 2304, 256, 128, 4, 0.85, False),
+    (9, 1104, 16, 64, 3, 0.9, True),
+    (300, 11008, 128, 128, 4, 0.9, True),
+]
+GEMM_CASES = [  # (M, N, K, k, G, bias)
+    (1, 256, 1024, 128, 128, False),
+    (7, 384, 1152, 128, 64, True),
+    (16, 256, 4096, 128, 128, False),
+    (33, 512, 2048, 0, 128, False),
+    (64, 250, 1280, 256, 128, True),
+    (130, 384, 1104, 16, 64, False),
+    (257, 640, 1056, 32, 128, True),
+    (1000, 256, 4224, 128, 128, False),
+]
+
+
+def check_quantize() -> bool:
+    ok = True
+    log("quantize kernels vs the CPU reference encoder (exact match expected for 'plain'):")
+    for m, k_total, k, g, bits, clip, gather in QUANT_CASES:
+        x = activations(m, k_total)
+        idx = torch.randperm(k_total, device="cuda") if gather else None
+        norm_w = (torch.rand(k_total, device="cuda") + 0.5).half()
+        up = activations(m, k_total)
+        col = idx.cpu() if gather else slice(None)
+        refs = {
+            "plain": x.cpu()[:, col],
+            "rmsnorm": ko.rmsnorm_fp16_reference(x.cpu(), norm_w.cpu(), 1e-5)[:, col],
+            "silu_mul": ko.silu_mul_fp16_reference(x.cpu(), up.cpu())[:, col],
+        }
+        for kind, ref_in in refs.items():
+            ref = encode_mixed(ref_in, k, bits, g, clip)
+            for byte in (0x00, 0xFF):
+                out = poisoned_mixed(m, k_total - k, k, g, bits, byte)
+                if kind == "plain":
+                    ko.quantize_mixed(x, k, bits, g, clip, idx, out=out)
+                elif kind == "rmsnorm":
+                    ko.rmsnorm_quantize_mixed(x, norm_w, 1e-5, k, bits, g, clip, idx, out=out)
+                else:
+                    ko.silu_mul_quantize_mixed(x, up, k, bits, g, clip, idx, out=out)
+                torch.cuda.synchronize()
+                agree = ko.mixed_agreement(out, ref)
+                exact = all(v == 1.0 for key, v in agree.items() if key.endswith("equal"))
+                close = (agree["codes_equal"] >= 0.999 and agree["scales_equal"] >= 0.99
+                         and agree["outliers_equal"] >= 0.999 and agree["max_code_diff"] <= 1)
+                good = exact if kind == "plain" else close
+                ok &= good
+                if byte == 0xFF or not good:
+                    log(f"  {kind:8s} M={m:4d} K={k_total:5d} k={k:3d} G={g:3d} bits={bits} "
+                        f"poison={byte:#04x}: {'PASS' if good else 'FAIL'} "
+                        + " ".join(f"{key}={v:.6f}" if isinstance(v, float) else f"{key}={v}"
+                                   for key, v in agree.items()))
+    return ok
+
+
+def check_gemm() -> bool:
+    ok = True
+    log("GEMM variants vs formats.mixed_gemm_reference (float64), outputs poisoned with NaN:")
+    for m, n, k_total, k, g, with_bias in GEMM_CASES:
+        a = encode_mixed(activations(m, k_total), k, 4, g, A_CLIP)
+        w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.05).half(), k, 4, g, 0.85)
+        bias = (torch.randn(n, device="cuda")).half() if with_bias else None
+        ref = decode_mixed(a, torch.float64) @ decode_mixed(w, torch.float64).T
+        if bias is not None:
+            ref += bias.double()
+        for variant in ko.GEMM_VARIANTS:
+            y = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+            ko.mixed_gemm(a, w, bias, variant=variant, out=y)
+            torch.cuda.synchronize()
+            err = ((y.double() - ref).norm() / ref.norm()).item()
+            finite = bool(torch.isfinite(y).all())
+            good = finite and err < 1e-3
+            ok &= good
+            line = (f"  {variant:14s} M={m:4d} N={n:4d} K={k_total:5d} k={k:3d} G={g:3d} "
+                    f"bias={int(with_bias)}: rel_err={err:.2e} all_written={finite} "
+                    f"{'PASS' if good else 'FAIL'}")
+            log(line)
+            if not good:
+                bad = (~torch.isfinite(y)) | ((y.double() - ref).abs() > 1e-2 * ref.abs().max())
+                rows = bad.any(1).nonzero().flatten()[:8].tolist()
+                cols = bad.any(0).nonzero().flatten()[:8].tolist()
+                log(f"      bad rows {rows} bad cols {cols} (count {int(bad.sum())})")
+    return ok
+
+
+# ------------------------------------------------------------------------------------- timing
+
+
+def timed(calls, min_batch_ms: float = 3.0) -> float:
+    """Median GPU microseconds of one call; calls (closures) are cycled to rotate inputs."""
+    n = len(calls)
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
+    start.record()
+    for c in calls:
+        c()
+    end.record()
+    end.synchronize()
+    cpu_ms = (time.perf_counter() - t0) * 1e3 / n
+    gpu_ms = start.elapsed_time(end) / n
+    reps = int(min(max(min_batch_ms / max(gpu_ms, 1e-4), n, 20), 3000))
+    results = []
+    for _ in range(TRIALS):
+        torch.cuda._sleep(int((reps * cpu_ms * 1.5 + 1.0) * SPIN_CYCLES_PER_MS))
+        start.record()
+        for i in range(reps):
+            calls[i % n]()
+        end.record()
+        end.synchronize()
+        results.append(start.elapsed_time(end) / reps)
+    return statistics.median(results) * 1e3
+
+
+def copies(nbytes: float) -> int:
+    return int(min(max(math.ceil(ROTATE_BYTES / max(nbytes, 1)), 1), 64))
+
+
+def hbm_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (GB/s)."""
+    src = torch.empty(2**29, dtype=torch.int32, device="cuda").random_()
+    dst = torch.empty_like(src)
+    us = timed([lambda: dst.copy_(src)])
+    return 2 * src.numel() * 4 / (us * 1e-6) / 1e9
+
+
+def library_peaks() -> dict:
+    n = 8192
+    a8 = torch.randint(-128, 127, (n, n), dtype=torch.int8, device="cuda")
+    b8 = torch.randint(-128, 127, (n, n), dtype=torch.int8, device="cuda")
+    a16, b16 = torch.randn(n, n, device="cuda").half(), torch.randn(n, n, device="cuda").half()
+    ops = 2 * n**3
+    t_int = timed([lambda: torch._int_mm(a8, b8.t())], 20)
+    t_f16 = timed([lambda: torch.matmul(a16, b16.t())], 20)
+    return {"int_mm_8192_tops": ops / t_int / 1e6, "cublas_fp16_8192_tflops": ops / t_f16 / 1e6}
+
+
+def int8_weight(w: torch.Tensor):
+    scale = (w.float().abs().amax(1) / 127).clamp_min(1e-8)
+    return torch.round(w.float() / scale[:, None]).clamp(-128, 127).to(torch.int8), scale
+
+
+def int_mm_padded(x8: torch.Tensor, w8t: torch.Tensor) -> torch.Tensor:
+    """torch._int_mm needs M > 16 in some torch versions: pad with zero rows there."""
+    if x8.shape[0] > 16:
+        return torch._int_mm(x8, w8t)
+    pad = torch.zeros(32, x8.shape[1], dtype=torch.int8, device=x8.device)
+    pad[: x8.shape[0]] = x8
+    return torch._int_mm(pad, w8t)[: x8.shape[0]]
+
+
+def applicable_variants(m: int) -> list[str]:
+    return [v for v in ko.GEMM_VARIANTS if v.startswith("tc") or m <= 256]
+
+
+def bench_shape(k_total: int, n: int, ceil: dict, rows: list, variant_rows: list) -> None:
+    kn = k_total - OUTLIERS
+    w16 = (torch.randn(n, k_total, device="cuda") * 0.02).half()
+    wq = encode_mixed(w16, OUTLIERS, 4, GROUP, 0.85)
+    w_bytes = ko.mixed_bytes(n, kn, OUTLIERS, GROUP)
+    wqs = [wq] + [clone_mixed(wq) for _ in range(copies(w_bytes) - 1)]
+    w16ts = [w16.t()] + [w16.clone().t() for _ in range(copies(w16.numel() * 2) - 1)]
+    w8, s8 = int8_weight(w16)
+    w8ts = [w8.t()] + [w8.clone().t() for _ in range(copies(w8.numel()) - 1)]
+    idx = torch.randperm(k_total, device="cuda").int()
+    for m in MS:
+        xs = [activations(m, k_total) for _ in range(min(copies(m * k_total * 2), 8))]
+        a_bytes = ko.mixed_bytes(m, kn, OUTLIERS, GROUP)
+        aqs = [ko.quantize_mixed(x, OUTLIERS, 4, GROUP, A_CLIP, idx) for x in xs]
+        aqs += [clone_mixed(aqs[i % len(aqs)]) for i in range(len(aqs), copies(a_bytes))]
+        pairs = max(len(aqs), len(wqs))
+        x8s = [int8_weight(x)[0] for x in xs]
+        sx = [int8_weight(x)[1][:, None] for x in xs]
+        s8row = s8[None, :]
+
+        t_quant = timed([lambda x=x: ko.quantize_mixed(x, OUTLIERS, 4, GROUP, A_CLIP, idx)
+                         for x in xs])
+        t_var = {}
+        for v in applicable_variants(m):
+            t_var[v] = timed([lambda a=aqs[i % len(aqs)], w=wqs[i % len(wqs)], v=v:
+                              ko.mixed_gemm(a, w, variant=v) for i in range(pairs)])
+        auto = ko.choose_gemm_variant(m)
+        t_gemm = t_var[auto]
+        t_both = timed([lambda x=xs[i % len(xs)], w=wqs[i % len(wqs)]:
+                        ko.quantized_linear(x, w, A_CLIP, idx) for i in range(pairs)])
+        big = max(len(xs), len(w16ts))
+        t_f16 = timed([lambda x=xs[i % len(xs)], wt=w16ts[i % len(w16ts)]: torch.matmul(x, wt)
+                       for i in range(big)])
+        big = max(len(x8s), len(w8ts))
+        t_int = timed([lambda x=x8s[i % len(x8s)], wt=w8ts[i % len(w8ts)]: int_mm_padded(x, wt)
+                       for i in range(big)])
+        t_w8a8 = timed([lambda j=i % len(x8s), wt=w8ts[i % len(w8ts)]:
+                        (int_mm_padded(x8s[j], wt) * sx[j]).mul_(s8row).half() for i in range(big)])
+
+        ops = ko.gemm_flops(m, n, k_total)
+        gemm_bytes = a_bytes + w_bytes + 2 * m * n
+        floor_us = max(ops / (ceil["int8_mma_tops"] * 1e6), gemm_bytes / (ceil["hbm_gbps"] * 1e3))
+        quant_bytes = 2 * m * k_total + a_bytes + 4 * k_total
+        row = {
+            "K": k_total, "N": n, "M": m, "variant": auto,
+            "quant_us": t_quant, "quant_hbm_pct": 100 * quant_bytes / (t_quant * 1e3) / ceil["hbm_gbps"],
+            "gemm_us": t_gemm, "gemm_tops": ops / t_gemm / 1e6,
+            "both_us": t_both, "cublas_fp16_us": t_f16, "int_mm_us": t_int, "w8a8_us": t_w8a8,
+            "floor_us": floor_us, "floor_bound": "compute" if ops / (ceil["int8_mma_tops"] * 1e6)
+            > gemm_bytes / (ceil["hbm_gbps"] * 1e3) else "memory",
+            "gemm_vs_cublas": t_f16 / t_gemm, "gemm_vs_w8a8": t_w8a8 / t_gemm,
+            "gemm_vs_int_mm": t_int / t_gemm, "both_vs_cublas": t_f16 / t_both,
+            "gemm_pct_int8_peak": 100 * (ops / t_gemm / 1e6) / ceil["int8_mma_tops"],
+            "gemm_pct_floor": 100 * floor_us / t_gemm,
+        }
+        rows.append(row)
+        for v, t in t_var.items():
+            variant_rows.append({"K": k_total, "N": n, "M": m, "variant": v, "us": t,
+                                 "tops": ops / t / 1e6, "chosen": int(v == auto)})
+        log(f"K={k_total:5d} N={n:5d} M={m:4d} quant {t_quant:7.1f}us ({row['quant_hbm_pct']:4.0f}% hbm)"
+            f" gemm[{auto}] {t_gemm:7.1f}us ({row['gemm_tops']:6.0f} TOPS) both {t_both:7.1f}"
+            f" | fp16 {t_f16:7.1f} int_mm {t_int:7.1f} w8a8 {t_w8a8:7.1f} floor {floor_us:6.1f}"
+            f" | variants " + " ".join(f"{v}={t:.1f}" for v, t in t_var.items()))
+
+
+# ------------------------------------------------------------------------------ ncu target
+
+
+def profile_target() -> None:
+    """A few launches of each kernel at one size, for `ncu -k regex:... python3 bench_gemm.py
+    --profile-target` (stall reasons, pipe utilization, achieved bandwidth)."""
+    k_total, n = 4096, 4096
+    w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.02).half(), OUTLIERS, 4, GROUP, 0.85)
+    idx = torch.randperm(k_total, device="cuda").int()
+    for m, variants in ((4096, ("tc_m128", "tc1_m128")), (16, ("skinny_m16n16",))):
+        x = activations(m, k_total)
+        a = ko.quantize_mixed(x, OUTLIERS, 4, GROUP, A_CLIP, idx)
+        for v in variants:
+            for _ in range(2):
+                ko.mixed_gemm(a, w, variant=v)
+    torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------------------- SASS
+
+SASS_OPS = ("IMMA", "LDSM", "LDGSTS", "LDG", "LDS", "STS", "STG", "LOP3", "SHF", "IMAD", "IADD3",
+            "FFMA", "FADD", "FMUL", "I2F", "F2F", "HADD2", "BAR", "BRA")
+
+
+def sass_mix(out: Path, slug: str) -> None:
+    """Static instruction counts per GEMM kernel (nvcc + cuobjdump, when the machine has them)."""
+    nvcc, cuobjdump = shutil.which("nvcc"), shutil.which("cuobjdump")
+    if not (nvcc and cuobjdump):
+        log("no nvcc/cuobjdump: no SASS instruction mix")
+        return
+    sass = ""
+    for name in ("w4a4_gemm", "quantize"):
+        src = Path(__file__).resolve().parent.parent / "kernels" / f"{name}.cu"
+        cubin = out / f"{name}.cubin"
+        subprocess.run([nvcc, "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-std=c++17",
+                        "-o", str(cubin), str(src)], check=True)
+        sass += subprocess.run([cuobjdump, "-sass", str(cubin)], check=True, capture_output=True,
+                               text=True).stdout
+        cubin.unlink()
+    lines, name, counts = [], None, {}
+    for line in sass.splitlines() + ["Function : <end>"]:
+        if "Function :" in line:
+            if name:
+                lines.append(f"{name}: " + " ".join(f"{op}={counts.get(op, 0)}" for op in SASS_OPS))
+            name, counts = line.split("Function :")[1].strip(), {}
+            continue
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", line)
+        if m:
+            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    (out / f"gemm_{slug}_sass.txt").write_text("\n".join(lines) + "\n")
+    log("SASS static mix:\n" + "\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------- output
+
+COLUMNS = [
+    ("K", "K", "{}"), ("N", "N", "{}"), ("M", "M", "{}"),
+    ("quant_us", "quant us", "{:.1f}"), ("quant_hbm_pct", "quant % HBM", "{:.0f}"),
+    ("gemm_us", "GEMM us", "{:.1f}"), ("variant", "kernel", "{}"), ("gemm_tops", "GEMM TOPS", "{:.0f}"),
+    ("both_us", "quant+GEMM us", "{:.1f}"), ("cublas_fp16_us", "cuBLAS FP16 us", "{:.1f}"),
+    ("w8a8_us", "W8A8 us", "{:.1f}"), ("int_mm_us", "_int_mm us", "{:.1f}"),
+    ("floor_us", "floor us", "{:.1f}"), ("floor_bound", "bound", "{}"),
+    ("gemm_vs_cublas", "GEMM x FP16", "{:.2f}"), ("gemm_vs_w8a8", "GEMM x W8A8", "{:.2f}"),
+    ("gemm_vs_int_mm", "GEMM x _int_mm", "{:.2f}"), ("both_vs_cublas", "both x FP16", "{:.2f}"),
+    ("gemm_pct_int8_peak", "% INT8 peak", "{:.0f}"), ("gemm_pct_floor", "% of floor", "{:.0f}"),
+]
+
+
+def write_outputs(out: Path, slug: str, device: str, ceil: dict, rows: list, variant_rows: list,
+                  correct: dict) -> None:
+    with open(out / f"gemm_{slug}.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+    with open(out / f"gemm_{slug}_variants.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(variant_rows[0]))
+        wr.writeheader()
+        wr.writerows(variant_rows)
+    md = [f"# W4A4 GEMM and activation quantization on {device}", "",
+          f"Measured by `experiments/bench_gemm.py` ({time.strftime('%Y-%m-%d')}); torch "
+          f"{torch.__version__}. 128 INT8 outlier channels, group 128, activation clip {A_CLIP}, "
+          "reorder gather fused into the quantize kernel. Times are medians of CUDA-event batches "
+          "with inputs rotated beyond the L2.", "",
+          "Ceilings measured in the same run:", "",
+          f"- HBM bandwidth (device-to-device copy, read + write): {ceil['hbm_gbps']:.0f} GB/s",
+          f"- INT8 mma.sync m16n8k32 (register resident): {ceil['int8_mma_tops']:.0f} TOPS",
+          f"- torch._int_mm 8192^3: {ceil['int_mm_8192_tops']:.0f} TOPS; cuBLAS FP16 8192^3: "
+          f"{ceil['cublas_fp16_8192_tflops']:.0f} TFLOP/s", "",
+          f"Correctness pass: quantize {'PASS' if correct['quantize'] else 'FAIL'}, "
+          f"GEMM {'PASS' if correct['gemm'] else 'FAIL'} (see the log).", "",
+          "W8A8 = torch._int_mm + per-token x per-channel scale epilogue in torch (unfused); "
+          "_int_mm = the INT8 GEMM alone (int32 out). Floor = max(2MNK / INT8 mma rate, bytes of "
+          "packed A + packed W + FP16 Y / HBM bandwidth). Ratios > 1: ours faster.", "",
+          "| " + " | ".join(c[1] for c in COLUMNS) + " |",
+          "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        md.append("| " + " | ".join(fmt.format(r[key]) for key, _, fmt in COLUMNS) + " |")
+    (out / f"gemm_{slug}.md").write_text("\n".join(md) + "\n")
+    plot(out / f"gemm_{slug}.png", device, rows)
+
+
+def plot(path: Path, device: str, rows: list) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing: no plot")
+        return
+    fig, axes = plt.subplots(1, len(SHAPES), figsize=(4.2 * len(SHAPES), 3.6), sharey=True)
+    for ax, (k_total, n) in zip(axes, SHAPES):
+        sel = [r for r in rows if r["K"] == k_total and r["N"] == n]
+        ms = [r["M"] for r in sel]
+        for key, label in (("gemm_vs_cublas", "W4A4 GEMM"), ("both_vs_cublas", "W4A4 quant+GEMM"),
+                           ("w8a8_us", "W8A8 (_int_mm+scale)")):
+            ys = [r["cublas_fp16_us"] / r[key] if key == "w8a8_us" else r[key] for r in sel]
+            ax.plot(ms, ys, marker="o", label=label)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"K={k_total}, N={n}")
+        ax.set_xlabel("M (tokens)")
+    axes[0].set_ylabel("speed-up over cuBLAS FP16")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"W4A4 on INT8 tensor cores, {device}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    global MS, SHAPES
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="experiments/results")
+    parser.add_argument("--quick", action="store_true", help="two shapes, three M values")
+    parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--sass", action="store_true", help="static SASS mix of the GEMM kernels")
+    parser.add_argument("--profile-target", action="store_true", help="only launch kernels for ncu")
+    args = parser.parse_args()
+    if args.profile_target:
+        profile_target()
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        SHAPES, MS = SHAPES[:2], [1, 16, 4096]
+    device = torch.cuda.get_device_name()
+    slug = (re.search(r"[AHBL]\d{2,3}", device) or re.search(r"\w+", device)).group(0).lower()
+    torch.manual_seed(0)
+    log(f"device: {device}; torch {torch.__version__}")
+    t0 = time.time()
+    correct = {"quantize": None, "gemm": None}
+    if not args.skip_checks:
+        correct["quantize"] = check_quantize()
+        correct["gemm"] = check_gemm()
+        log(f"correctness: quantize {correct['quantize']}, gemm {correct['gemm']} "
+            f"({time.time() - t0:.0f}s)")
+    ceil = {"hbm_gbps": hbm_bandwidth(), "int8_mma_tops": ko.mma_s8_peak_tops()}
+    ceil.update(library_peaks())
+    log("ceilings: " + ", ".join(f"{k}={v:.0f}" for k, v in ceil.items()))
+    rows, variant_rows = [], []
+    for k_total, n in SHAPES:
+        bench_shape(k_total, n, ceil, rows, variant_rows)
+        torch.cuda.empty_cache()
+    write_outputs(out, slug, device, ceil, rows, variant_rows, correct)
+    if args.sass:
+        sass_mix(out, slug)
+    log(f"total {time.time() - t0:.0f}s")
+    (out / f"gemm_{slug}_log.txt").write_text("\n".join(LOG) + "\n")
+    print()
+    print(f"{'K':>5} {'N':>5} {'M':>4} {'gemm':>8} {'xFP16':>6} {'xW8A8':>6} {'xintmm':>6} "
+          f"{'%peak':>5} {'%floor':>6} {'quant%':>6}")
+    for r in rows:
+        print(f"{r['K']:5d} {r['N']:5d} {r['M']:4d} {r['gemm_us']:8.1f} {r['gemm_vs_cublas']:6.2f} "
+              f"{r['gemm_vs_w8a8']:6.2f} {r['gemm_vs_int_mm']:6.2f} {r['gemm_pct_int8_peak']:5.0f} "
+              f"{r['gemm_pct_floor']:6.0f} {r['quant_hbm_pct']:6.0f}")
+    return 0 if all(v in (None, True) for v in correct.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
