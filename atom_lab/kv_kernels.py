@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +41,7 @@ TILE = 16               # tokens per warp tile
 CHUNK_ALIGN = WARPS * TILE
 CAPACITY_ALIGN = 16     # capacity multiple: tiles never straddle the end of a row block
 APPEND_WARPS = 8
-DEFAULT_CTAS_PER_SM = 4
+MAX_SPLITS = 256        # the merging CTA keeps [8 heads][splits] weights in shared memory
 _RING_STAGES = {"kv4": 4, "fp16": 3}
 
 
@@ -112,7 +113,9 @@ def _ptr(t: torch.Tensor):
 def _external_stream(ptr: int):
     import cupy
 
-    return cupy.cuda.ExternalStream(ptr)
+    with warnings.catch_warnings():  # newer CuPy prefers Stream.from_external; same object
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(ptr)
 
 
 def _launch(kernel, grid, block, args, smem: int = 0) -> None:
@@ -131,8 +134,8 @@ def _smem_bytes(fmt: str, head_dim: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_kernel(fmt: str, head_dim: int):
-    kernel = get_kernel("decode_attention", f"decode_attention_{fmt}_d{head_dim}")
+def _decode_kernel(fmt: str, head_dim: int, options: tuple[str, ...] = ()):
+    kernel = get_kernel("decode_attention", f"decode_attention_{fmt}_d{head_dim}", options)
     smem = _smem_bytes(fmt, head_dim)
     if smem > 48 * 1024:
         kernel.max_dynamic_shared_size_bytes = smem
@@ -144,10 +147,11 @@ def _decode_kernel(fmt: str, head_dim: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _resident_ctas(fmt: str, head_dim: int, device_index: int) -> tuple[int, int]:
+def _resident_ctas(fmt: str, head_dim: int, device_index: int,
+                   options: tuple[str, ...] = ()) -> tuple[int, int]:
     """(SM count, CTAs of this kernel resident per SM) from its registers and shared memory."""
     props = torch.cuda.get_device_properties(device_index)
-    kernel = _decode_kernel(fmt, head_dim)
+    kernel = _decode_kernel(fmt, head_dim, options)
     try:
         regs = int(kernel.num_regs)
     except Exception:  # attribute missing in some CuPy versions: assume the launch-bounds cap
@@ -176,16 +180,18 @@ def _tickets(n: int, device: torch.device) -> torch.Tensor:
 
 def decode_attention_kv4(q, k_codes, k_params, v_codes, v_params, lengths, max_len: int,
                          softmax_scale: float | None = None, plan: SplitPlan | None = None,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
+                         out: torch.Tensor | None = None,
+                         compile_options: tuple[str, ...] = ()) -> torch.Tensor:
     """softmax(q K^T * scale) V over each sequence's first lengths[b] cached tokens, 4-bit cache.
 
     q [B, Hq, D] fp16; k_codes/v_codes uint8 [B, Hkv, cap, D/2]; k_params/v_params int32
     [B, Hkv, cap]; lengths int32 [B] on the device, max_len >= max(lengths) known on the host.
-    Returns [B, Hq, D] fp16 (written into `out` if given).
+    Returns [B, Hq, D] fp16 (written into `out` if given). compile_options (e.g.
+    ("-DKV4_MIN_CTAS=5",)) build a tuning variant of the kernel.
     """
     B, Hkv, cap, half_d = k_codes.shape
     return _decode("kv4", q, k_codes, k_params, v_codes, v_params, lengths, max_len, B, Hkv, cap,
-                   2 * half_d, softmax_scale, plan, out)
+                   2 * half_d, softmax_scale, plan, out, tuple(compile_options))
 
 
 def decode_attention_fp16(q, k, v, lengths, max_len: int, softmax_scale: float | None = None,
@@ -194,10 +200,11 @@ def decode_attention_fp16(q, k, v, lengths, max_len: int, softmax_scale: float |
     """The same kernel reading an FP16 cache k, v [B, Hkv, cap, D] (the comparison point)."""
     B, Hkv, cap, D = k.shape
     return _decode("fp16", q, k, None, v, None, lengths, max_len, B, Hkv, cap, D, softmax_scale,
-                   plan, out)
+                   plan, out, ())
 
 
-def _decode(fmt, q, k, kp, v, vp, lengths, max_len, B, Hkv, cap, D, softmax_scale, plan, out):
+def _decode(fmt, q, k, kp, v, vp, lengths, max_len, B, Hkv, cap, D, softmax_scale, plan, out,
+            options):
     require_kernel_backend()
     check_layout(D, Hkv, cap)
     if q.dim() != 3 or q.shape[0] != B or q.shape[2] != D or q.dtype != torch.float16:
@@ -209,11 +216,12 @@ def _decode(fmt, q, k, kp, v, vp, lengths, max_len, B, Hkv, cap, D, softmax_scal
     head_blocks = -(-group // HEADS_PER_CTA)
     device = q.device
     if plan is None:
-        sms, per_sm = _resident_ctas(fmt, D, device.index or 0)
+        sms, per_sm = _resident_ctas(fmt, D, device.index or 0, options)
         plan = plan_splits(B * Hkv * head_blocks, max_len, sms * per_sm)
-    if plan.chunk % CHUNK_ALIGN or plan.splits * plan.chunk < max_len:
-        raise ValueError(f"plan={plan}: chunk must be a multiple of {CHUNK_ALIGN} and "
-                         f"splits * chunk must cover max_len={max_len}")
+    if (plan.chunk % CHUNK_ALIGN or plan.splits * plan.chunk < max_len
+            or not 1 <= plan.splits <= MAX_SPLITS):
+        raise ValueError(f"plan={plan}: chunk must be a multiple of {CHUNK_ALIGN}, splits in "
+                         f"1..{MAX_SPLITS} and splits * chunk must cover max_len={max_len}")
     if out is None:
         out = torch.empty_like(q)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
@@ -230,8 +238,8 @@ def _decode(fmt, q, k, kp, v, vp, lengths, max_len, B, Hkv, cap, D, softmax_scal
             np.int32(head_blocks), np.int32(cap), np.int32(plan.chunk), np.int32(plan.splits),
             np.float32(scale * math.log2(math.e)), _ptr(out), _ptr(part_o), _ptr(part_lse),
             _ptr(tickets))
-    _launch(_decode_kernel(fmt, D), (plan.splits, Hkv * head_blocks, B), (WARPS * 32, 1, 1), args,
-            _smem_bytes(fmt, D))
+    _launch(_decode_kernel(fmt, D, options), (plan.splits, Hkv * head_blocks, B),
+            (WARPS * 32, 1, 1), args, _smem_bytes(fmt, D))
     return out
 
 

@@ -134,9 +134,10 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
                  : "r"(addr));
 }
 
+// L2 load (another CTA wrote it during this launch); not volatile, so loads can overlap.
 __device__ __forceinline__ float load_cg(const float* p) {
     float v;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    asm("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
     return v;
 }
 
@@ -172,28 +173,25 @@ struct KV4 {
         return gid * (D / 8) + 2 * mt + r;
     }
 
-    // Copy tokens [t0, t0 + 16) of one sequence/head into a stage; tokens >= end read as zeros.
-    static __device__ __forceinline__ void load_tile(u32 stage, const u8* kc, const u32* kp,
-                                                     const u8* vc, const u32* vp, int t0, int end,
-                                                     int lane) {
-        constexpr int CH_ROW = K_ROW / 16;     // 16-byte chunks of one token's codes
-        constexpr int CH = TILE * CH_ROW;
+    // Copy one 16-token tile into a stage. k_src / v_src point at this lane's first 16-byte chunk
+    // of the tile (tile start + lane * 16), p_src at its 4-token params chunk (lanes 0-7); only
+    // the first `rem` tokens are read, the rest of the stage is zero-filled. Every address lies
+    // inside the cache (capacity is a multiple of 16), read or not.
+    static constexpr int CH_ROW = K_ROW / 16;  // 16-byte chunks of one token's codes
+    static constexpr int STEP_BYTES = TILE * K_ROW;
+    static __device__ __forceinline__ void load_tile(u32 stage, const u8* k_src, const u8* v_src,
+                                                     const u32* p_src, int rem, int lane) {
 #pragma unroll
-        for (int i = 0; i < CH / 32; ++i) {
-            const int c = lane + 32 * i;
-            const int t = t0 + c / CH_ROW;
-            const bool ok = t < end;
-            const long long src = (long long)(ok ? t : 0) * K_ROW + (c % CH_ROW) * 16;
-            cp_async16(stage + c * 16, kc + src, ok ? 16 : 0);
-            cp_async16(stage + OFF_V + (c / CH_ROW) * V_PITCH + (c % CH_ROW) * 16, vc + src,
-                       ok ? 16 : 0);
+        for (int i = 0; i < TILE * CH_ROW / 32; ++i) {
+            const int tok = lane / CH_ROW + i * (32 / CH_ROW);
+            const int bytes = tok < rem ? 16 : 0;
+            cp_async16(stage + lane * 16 + i * 512, k_src + i * 512, bytes);
+            cp_async16(stage + OFF_V + tok * V_PITCH + (lane % CH_ROW) * 16, v_src + i * 512, bytes);
         }
         if (lane < 8) {  // params: 4 tokens a chunk; lanes 0-3 keys, 4-7 values
             const int c = lane & 3;
-            const int t = t0 + 4 * c;
-            const int valid = min(max(end - t, 0), 4);
-            const u32* src = (lane < 4 ? kp : vp) + (valid ? t : 0);
-            cp_async16(stage + (lane < 4 ? OFF_KP : OFF_VP) + c * 16, src, valid * 4);
+            cp_async16(stage + (lane < 4 ? OFF_KP : OFF_VP) + c * 16, p_src,
+                       4 * min(max(rem - 4 * c, 0), 4));
         }
     }
 
@@ -267,20 +265,17 @@ struct KV16 {
         return 16 * mt + gid + 8 * r;
     }
 
-    static __device__ __forceinline__ void load_tile(u32 stage, const u8* kc, const u32*,
-                                                     const u8* vc, const u32*, int t0, int end,
-                                                     int lane) {
-        constexpr int CH_ROW = ROW / 16;
-        constexpr int CH = TILE * CH_ROW;
+    static constexpr int CH_ROW = ROW / 16;
+    static constexpr int STEP_BYTES = TILE * ROW;
+    static __device__ __forceinline__ void load_tile(u32 stage, const u8* k_src, const u8* v_src,
+                                                     const u32*, int rem, int lane) {
 #pragma unroll
-        for (int i = 0; i < CH / 32; ++i) {
-            const int c = lane + 32 * i;
-            const int t = t0 + c / CH_ROW;
-            const bool ok = t < end;
-            const long long src = (long long)(ok ? t : 0) * ROW + (c % CH_ROW) * 16;
-            const u32 dst = (c / CH_ROW) * PITCH + (c % CH_ROW) * 16;
-            cp_async16(stage + dst, kc + src, ok ? 16 : 0);
-            cp_async16(stage + OFF_V + dst, vc + src, ok ? 16 : 0);
+        for (int i = 0; i < TILE * CH_ROW / 32; ++i) {
+            const int tok = lane / CH_ROW + i * (32 / CH_ROW);
+            const int bytes = tok < rem ? 16 : 0;
+            const u32 dst = tok * PITCH + (lane % CH_ROW) * 16;
+            cp_async16(stage + dst, k_src + i * 512, bytes);
+            cp_async16(stage + OFF_V + dst, v_src + i * 512, bytes);
         }
     }
 
@@ -337,14 +332,52 @@ __device__ __forceinline__ void decode_attention(
     const int start = split * chunk;
     const int end = min(start + chunk, len);
 
-    // Query rows of this head block -> smem (zeros for missing heads) -> mma A fragments.
+    // This (sequence, kv head)'s rows.
+    const long long row0 = (long long)(b * kv_heads + kvh) * capacity;
+    const u8* kc = k + row0 * (F::QUANTIZED ? D / 2 : 2 * D);
+    const u8* vc = v + row0 * (F::QUANTIZED ? D / 2 : 2 * D);
+    const u32* kp = F::QUANTIZED ? k_params + row0 : nullptr;
+    const u32* vp = F::QUANTIZED ? v_params + row0 : nullptr;
+
+    const int ntiles = end > start ? (end - start + TILE - 1) / TILE : 0;
+    const int mine = ntiles > warp ? (ntiles - warp + WARPS - 1) / WARPS : 0;
     u16* s_q = reinterpret_cast<u16*>(smem);
     u8* rings = smem + HEADS_PER_CTA * D * 2;
-    for (int i = tid; i < HEADS_PER_CTA * D; i += WARPS * 32) {
-        const int h = i / D;
-        s_q[i] = h < nheads ? q[(long long)(b * q_heads + head0) * D + i] : (u16)0;
+    const u32 ring = smem_addr(rings) + warp * F::NST * F::STAGE;
+    const u8* ring_ptr = rings + warp * F::NST * F::STAGE;
+
+    // Query rows of this head block -> smem (zeros for missing heads), in flight together with
+    // the first tiles of every warp: one commit group ahead of the ring's.
+    {
+        const u8* qsrc = reinterpret_cast<const u8*>(q + (long long)(b * q_heads + head0) * D);
+        const u32 qdst = smem_addr(s_q);
+        for (int c = tid; c < HEADS_PER_CTA * D / 8; c += WARPS * 32) {
+            const bool ok = c / (D / 8) < nheads;
+            cp_async16(qdst + c * 16, ok ? qsrc + c * 16 : qsrc, ok ? 16 : 0);
+        }
+        cp_async_commit();
     }
+    // Per-lane source pointers of this warp's next tile to fetch, advanced a tile stride at a time.
+    int next_t0 = start + warp * TILE;
+    const long long first = (long long)next_t0 * (F::STEP_BYTES / TILE) + lane * 16;
+    const u8* k_src = kc + first;
+    const u8* v_src = vc + first;
+    const u32* p_src = F::QUANTIZED ? (lane < 4 ? kp : vp) + next_t0 + 4 * (lane & 3) : nullptr;
+    auto fetch = [&](u32 stage) {
+        F::load_tile(stage, k_src, v_src, p_src, end - next_t0, lane);
+        k_src += WARPS * F::STEP_BYTES;
+        v_src += WARPS * F::STEP_BYTES;
+        if (F::QUANTIZED) p_src += WARPS * TILE;
+        next_t0 += WARPS * TILE;
+    };
+#pragma unroll
+    for (int i = 0; i < F::NST - 1; ++i) {
+        if (i < mine) fetch(ring + i * F::STAGE);
+        cp_async_commit();
+    }
+    cp_async_wait<F::NST - 1>();
     __syncthreads();
+
     u32 qa[F::STEPS][2];
     float qsum = 0.f;
 #pragma unroll
@@ -360,26 +393,6 @@ __device__ __forceinline__ void decode_attention(
     qsum += __shfl_xor_sync(0xffffffffu, qsum, 1);
     qsum += __shfl_xor_sync(0xffffffffu, qsum, 2);
 
-    // This (sequence, kv head)'s rows.
-    const long long row0 = (long long)(b * kv_heads + kvh) * capacity;
-    const u8* kc = k + row0 * (F::QUANTIZED ? D / 2 : 2 * D);
-    const u8* vc = v + row0 * (F::QUANTIZED ? D / 2 : 2 * D);
-    const u32* kp = F::QUANTIZED ? k_params + row0 : nullptr;
-    const u32* vp = F::QUANTIZED ? v_params + row0 : nullptr;
-
-    const int ntiles = end > start ? (end - start + TILE - 1) / TILE : 0;
-    const int mine = ntiles > warp ? (ntiles - warp + WARPS - 1) / WARPS : 0;
-    const u32 ring = smem_addr(rings) + warp * F::NST * F::STAGE;
-    const u8* ring_ptr = rings + warp * F::NST * F::STAGE;
-
-#pragma unroll
-    for (int i = 0; i < F::NST - 1; ++i) {
-        if (i < mine)
-            F::load_tile(ring + i * F::STAGE, kc, kp, vc, vp, start + (warp + i * WARPS) * TILE,
-                         end, lane);
-        cp_async_commit();
-    }
-
     float m = NEG_BIG, l = 0.f;  // running max (log2 units) and partial sum, head gid
     float o[F::MTILES + 1][4];
 #pragma unroll
@@ -387,9 +400,7 @@ __device__ __forceinline__ void decode_attention(
 
     for (int it = 0; it < mine; ++it) {
         const int ahead = it + F::NST - 1;
-        if (ahead < mine)
-            F::load_tile(ring + (ahead % F::NST) * F::STAGE, kc, kp, vc, vp,
-                         start + (warp + ahead * WARPS) * TILE, end, lane);
+        if (ahead < mine) fetch(ring + (ahead % F::NST) * F::STAGE);
         cp_async_commit();
         cp_async_wait<F::NST - 1>();
         __syncwarp();
@@ -435,6 +446,7 @@ __device__ __forceinline__ void decode_attention(
         tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
         tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
         const float m_new = fmaxf(m, tmax);
+        const bool grew = __any_sync(0xffffffffu, m_new > m);
         const float alpha = fast_exp2(m - m_new);
         m = m_new;
         float p[2][2];
@@ -447,13 +459,16 @@ __device__ __forceinline__ void decode_attention(
                 psum += p[n][j];
             }
         l = l * alpha + psum;
-        // The output accumulator holds heads 2tig, 2tig+1: their factors live in quads 2tig, 2tig+1.
-        const float alpha0 = __shfl_sync(0xffffffffu, alpha, 8 * tig);
-        const float alpha1 = __shfl_sync(0xffffffffu, alpha, 8 * tig + 4);
+        if (grew) {  // rarely after the first tiles: skip the rescale while no max moves
+            // The output accumulator holds heads 2tig, 2tig+1: their factors live in quads
+            // 2tig, 2tig+1.
+            const float alpha0 = __shfl_sync(0xffffffffu, alpha, 8 * tig);
+            const float alpha1 = __shfl_sync(0xffffffffu, alpha, 8 * tig + 4);
 #pragma unroll
-        for (int i = 0; i < F::MTILES + 1; ++i) {
-            o[i][0] *= alpha0; o[i][1] *= alpha1;
-            o[i][2] *= alpha0; o[i][3] *= alpha1;
+            for (int i = 0; i < F::MTILES + 1; ++i) {
+                o[i][0] *= alpha0; o[i][1] *= alpha1;
+                o[i][2] *= alpha0; o[i][3] *= alpha1;
+            }
         }
         const u32 pb0 = pack_half2(p[0][0] * sv[0][0], p[0][1] * sv[0][1]);
         const u32 pb1 = pack_half2(p[1][0] * sv[1][0], p[1][1] * sv[1][1]);
@@ -523,18 +538,36 @@ __device__ __forceinline__ void decode_attention(
     __syncthreads();
     if (!s_last) return;
     __threadfence();
+    // Weights of the partials: all log-sum-exps loaded at once, then one pass per head.
+    float* s_w = s_l + WARPS * HEADS_PER_CTA;  // [8][splits]
+    for (int i = tid; i < nheads * nsplit_b; i += WARPS * 32) {
+        const int h = i / nsplit_b, sp = i % nsplit_b;
+        s_w[i] = load_cg(part_lse + (head_row0 + h) * splits + sp);
+    }
+    __syncthreads();
+    if (tid < nheads) {
+        float* w = s_w + tid * nsplit_b;
+        float mx = NEG_BIG, sum = 0.f;
+        for (int sp = 0; sp < nsplit_b; ++sp) mx = fmaxf(mx, w[sp]);
+        for (int sp = 0; sp < nsplit_b; ++sp) sum += (w[sp] = fast_exp2(w[sp] - mx));
+        const float inv = 1.f / sum;
+        for (int sp = 0; sp < nsplit_b; ++sp) w[sp] *= inv;
+    }
+    __syncthreads();
     for (int i = tid; i < nheads * D; i += WARPS * 32) {
         const int h = i / D, d = i % D;
-        const long long pr = (head_row0 + h) * splits;
-        float mx = NEG_BIG;
-        for (int s = 0; s < nsplit_b; ++s) mx = fmaxf(mx, load_cg(part_lse + pr + s));
-        float sum = 0.f, acc = 0.f;
-        for (int s = 0; s < nsplit_b; ++s) {
-            const float f = fast_exp2(load_cg(part_lse + pr + s) - mx);
-            sum += f;
-            acc += f * load_cg(part_o + (pr + s) * D + d);
+        const float* po = part_o + (head_row0 + h) * splits * D + d;
+        const float* w = s_w + h * nsplit_b;
+        float acc0 = 0.f, acc1 = 0.f, acc2 = 0.f, acc3 = 0.f;
+        int sp = 0;
+        for (; sp + 4 <= nsplit_b; sp += 4) {  // four loads in flight
+            const float p0 = load_cg(po + sp * D), p1 = load_cg(po + (sp + 1) * D);
+            const float p2 = load_cg(po + (sp + 2) * D), p3 = load_cg(po + (sp + 3) * D);
+            acc0 += w[sp] * p0; acc1 += w[sp + 1] * p1;
+            acc2 += w[sp + 2] * p2; acc3 += w[sp + 3] * p3;
         }
-        out[(head_row0 + h) * D + d] = float_to_half(acc / sum);
+        for (; sp < nsplit_b; ++sp) acc0 += w[sp] * load_cg(po + sp * D);
+        out[(head_row0 + h) * D + d] = float_to_half((acc0 + acc1) + (acc2 + acc3));
     }
     if (tid == 0) tickets[ticket] = 0;
 }
@@ -550,7 +583,10 @@ __device__ __forceinline__ void decode_attention(
                                     part_o, part_lse, tickets);                                   \
     }
 
-DEFINE_DECODE(decode_attention_kv4_d64, KV4, 64, 4)
-DEFINE_DECODE(decode_attention_kv4_d128, KV4, 128, 4)
+#ifndef KV4_MIN_CTAS  // -DKV4_MIN_CTAS=5 trades a few register spills for a fifth CTA per SM
+#define KV4_MIN_CTAS 4
+#endif
+DEFINE_DECODE(decode_attention_kv4_d64, KV4, 64, KV4_MIN_CTAS)
+DEFINE_DECODE(decode_attention_kv4_d128, KV4, 128, KV4_MIN_CTAS)
 DEFINE_DECODE(decode_attention_fp16_d64, KV16, 64, 2)
 DEFINE_DECODE(decode_attention_fp16_d128, KV16, 128, 2)
