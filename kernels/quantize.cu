@@ -17,10 +17,9 @@
 
 enum Producer { PLAIN = 0, RMSNORM = 1, SILU_MUL = 2 };
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
+// Max of non-negative floats in one instruction: their bit patterns order like unsigned ints.
+__device__ __forceinline__ float warp_max_nonneg(float v) {
+    return __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(v)));
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -35,11 +34,21 @@ __device__ __forceinline__ __half group_scale(float absmax, float clip, float qm
     return __float2half_rn(s);
 }
 
+// v / scale correctly rounded (what torch computes) without a division per element: r is the
+// correctly rounded 1/scale, q0 = v * r is within 1.5 ulp, and each residual step
+// q + (v - q * scale) * r (FMA, exact residual) moves it to within 1 ulp and then, by Markstein's
+// theorem (r = RN(1/scale), q within 1 ulp), to exactly RN(v / scale).
+__device__ __forceinline__ float div_rn(float v, float scale, float r) {
+    float q = v * r;
+    q = fmaf(fmaf(-q, scale, v), r, q);
+    return fmaf(fmaf(-q, scale, v), r, q);
+}
+
 // rint(v / scale) clamped to [qmin, qmax]. Clamping first (the bounds are integers, so the order
 // does not matter) lets adding 1.5 * 2^23 do the round-half-to-even of torch.round in the FP adder:
 // the sum's mantissa is then 0x400000 + code, with no float->int conversion instruction.
-__device__ __forceinline__ int quant_code(float v, float scale, int qmin, int qmax) {
-    const float q = fminf(fmaxf(v / scale, (float)qmin), (float)qmax);  // true IEEE division
+__device__ __forceinline__ int quant_code(float v, float scale, float r, int qmin, int qmax) {
+    const float q = fminf(fmaxf(div_rn(v, scale, r), (float)qmin), (float)qmax);
     return __float_as_int(q + 12582912.0f) - 0x4B400000;
 }
 
@@ -137,13 +146,13 @@ __device__ void quantize_group(const __half* row, const int* __restrict__ idx, f
         v[e] = produced<MODE>(row, cols[e], rms, norm_w);
         amax = fmaxf(amax, fabsf(v[e]));
     }
-    amax = warp_max(amax);
+    amax = warp_max_nonneg(amax);
     const __half sh = group_scale(amax, clip, (float)qmax);
-    const float s = __half2float(sh);
+    const float s = __half2float(sh), rcp = __frcp_rn(s);
     unsigned int packed = 0;
 #pragma unroll
     for (int e = 0; e < E; ++e)
-        packed |= (unsigned int)(quant_code(v[e], s, -qmax - 1, qmax) & 0xF) << (4 * e);
+        packed |= (unsigned int)(quant_code(v[e], s, rcp, -qmax - 1, qmax) & 0xF) << (4 * e);
     if (E == 4) {
         *reinterpret_cast<unsigned short*>(codes_row + c0 / 2) = (unsigned short)packed;
     } else {
@@ -171,13 +180,13 @@ __device__ void quantize_outliers(const __half* row, const int* __restrict__ idx
             amax = fmaxf(amax, fabsf(v[i]));
         }
     }
-    amax = warp_max(amax);
+    amax = warp_max_nonneg(amax);
     const __half sh = group_scale(amax, 1.0f, 127.0f);
-    const float s = __half2float(sh);
+    const float s = __half2float(sh), rcp = __frcp_rn(s);
 #pragma unroll
     for (int i = 0; i < MAX_OUTLIERS_PER_LANE; ++i) {
         const int j = lane + 32 * i;
-        if (j < k) out_row[j] = (signed char)quant_code(v[i], s, -128, 127);
+        if (j < k) out_row[j] = (signed char)quant_code(v[i], s, rcp, -128, 127);
     }
     if (lane == 0) *oscale = sh;
 }

@@ -336,7 +336,7 @@ __device__ void gemm_tc(GEMM_ARGS) {
 
 // ---------------------------------------------------------------------------------------------
 // Skinny kernel for small M: CTA = 8 warps over a (16*MT) x (8*NT) output tile; warp w takes
-// groups w, w+8, ... (DEPTH of them in flight at once) and outlier 32-chunks w, w+8, ...; partial sums meet in shared memory.
+// groups w, w+8, ... and outlier 32-chunks w, w+8, ...; partial sums meet in shared memory.
 // Thread (r, t) of a warp loads, per row and group, the t-th quarter of the group's bytes (one
 // 16-byte vector for G = 128); its word j feeds k32 step j. A and W use the same assignment.
 // ---------------------------------------------------------------------------------------------
@@ -411,8 +411,10 @@ __device__ __forceinline__ void skinny_group(const SkinnyGroup<MT, NT, G>& f, fl
                        f.sa[mt][1] * f.sw[nt][0], f.sa[mt][1] * f.sw[nt][1]);
 }
 
-// DEPTH groups a warp are fetched together (all loads in flight) before any is multiplied.
-template <int MT, int NT, int G, int DEPTH>
+// Each warp's next group is fetched (one group ahead, in registers) while the current one is
+// multiplied. (Fetching 2-4 groups at once measured slower at N >= 11008: more registers, fewer
+// resident CTAs.)
+template <int MT, int NT, int G>
 __device__ void gemm_skinny(GEMM_ARGS) {
     constexpr int TM = 16 * MT, TN = 8 * NT;
     __shared__ float red[SK_WARPS][TM][TN];
@@ -428,15 +430,13 @@ __device__ void gemm_skinny(GEMM_ARGS) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
 
-    SkinnyGroup<MT, NT, G> f[DEPTH];
+    SkinnyGroup<MT, NT, G> cur, nxt;
+    if (warp < ng) skinny_fetch<MT, NT, G>(cur, warp, GEMM_PASS);
 #pragma unroll 1
-    for (int base = warp; base < ng; base += SK_WARPS * DEPTH) {
-#pragma unroll
-        for (int d = 0; d < DEPTH; ++d)
-            if (base + d * SK_WARPS < ng) skinny_fetch<MT, NT, G>(f[d], base + d * SK_WARPS, GEMM_PASS);
-#pragma unroll
-        for (int d = 0; d < DEPTH; ++d)
-            if (base + d * SK_WARPS < ng) skinny_group<MT, NT, G>(f[d], acc);
+    for (int gi = warp; gi < ng; gi += SK_WARPS) {
+        if (gi + SK_WARPS < ng) skinny_fetch<MT, NT, G>(nxt, gi + SK_WARPS, GEMM_PASS);
+        skinny_group<MT, NT, G>(cur, acc);
+        cur = nxt;
     }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -527,9 +527,9 @@ __device__ void gemm_skinny(GEMM_ARGS) {
     extern "C" __global__ void __launch_bounds__(128 * WARPS_M, 1) NAME(GEMM_ARGS) {    \
         gemm_tc<WARPS_M, G, V2>(GEMM_PASS);                                             \
     }
-#define DEFINE_SKINNY(NAME, MT, NT, G, DEPTH, MIN_BLOCKS)                                \
-    extern "C" __global__ void __launch_bounds__(SK_WARPS * 32, MIN_BLOCKS) NAME(GEMM_ARGS) { \
-        gemm_skinny<MT, NT, G, DEPTH>(GEMM_PASS);                                        \
+#define DEFINE_SKINNY(NAME, MT, NT, G)                                                   \
+    extern "C" __global__ void __launch_bounds__(SK_WARPS * 32) NAME(GEMM_ARGS) {       \
+        gemm_skinny<MT, NT, G>(GEMM_PASS);                                               \
     }
 
 DEFINE_TC(w4a4_gemm_tc_m128_g128, 2, 128, true)
@@ -538,12 +538,12 @@ DEFINE_TC(w4a4_gemm_tc_m64_g128, 1, 128, true)
 DEFINE_TC(w4a4_gemm_tc_m64_g64, 1, 64, true)
 DEFINE_TC(w4a4_gemm_tc1_m128_g128, 2, 128, false)
 DEFINE_TC(w4a4_gemm_tc1_m128_g64, 2, 64, false)
-// (name, m16 tiles, n8 tiles, G, groups in flight a warp, CTAs an SM the registers must allow)
-DEFINE_SKINNY(w4a4_gemm_skinny_m16n16_g128, 1, 2, 128, 3, 2)
-DEFINE_SKINNY(w4a4_gemm_skinny_m16n16_g64, 1, 2, 64, 4, 2)
-DEFINE_SKINNY(w4a4_gemm_skinny_m16n32_g128, 1, 4, 128, 2, 2)
-DEFINE_SKINNY(w4a4_gemm_skinny_m16n32_g64, 1, 4, 64, 2, 2)
-DEFINE_SKINNY(w4a4_gemm_skinny_m32n16_g128, 2, 2, 128, 2, 2)
-DEFINE_SKINNY(w4a4_gemm_skinny_m32n16_g64, 2, 2, 64, 2, 2)
-DEFINE_SKINNY(w4a4_gemm_skinny_m64n16_g128, 4, 2, 128, 2, 1)
-DEFINE_SKINNY(w4a4_gemm_skinny_m64n16_g64, 4, 2, 64, 2, 1)
+// (name, m16 tiles, n8 tiles, G)
+DEFINE_SKINNY(w4a4_gemm_skinny_m16n16_g128, 1, 2, 128)
+DEFINE_SKINNY(w4a4_gemm_skinny_m16n16_g64, 1, 2, 64)
+DEFINE_SKINNY(w4a4_gemm_skinny_m16n32_g128, 1, 4, 128)
+DEFINE_SKINNY(w4a4_gemm_skinny_m16n32_g64, 1, 4, 64)
+DEFINE_SKINNY(w4a4_gemm_skinny_m32n16_g128, 2, 2, 128)
+DEFINE_SKINNY(w4a4_gemm_skinny_m32n16_g64, 2, 2, 64)
+DEFINE_SKINNY(w4a4_gemm_skinny_m64n16_g128, 4, 2, 128)
+DEFINE_SKINNY(w4a4_gemm_skinny_m64n16_g64, 4, 2, 64)
