@@ -42,7 +42,9 @@ CHUNK_ALIGN = WARPS * TILE
 CAPACITY_ALIGN = 16     # capacity multiple: tiles never straddle the end of a row block
 APPEND_WARPS = 8
 MAX_SPLITS = 256        # the merging CTA keeps [8 heads][splits] weights in shared memory
-_RING_STAGES = {"kv4": 4, "fp16": 3}
+_RING_STAGES = {"kv4": 4, "kv4deep": 8, "fp16": 3}
+_FAMILY = {"kv4": ("kv4", "kv4deep"), "fp16": ("fp16",)}  # builds each cache format can run
+_PLANNED = {"kv4": ("kv4",), "fp16": ("fp16",)}  # builds the planner picks from (see kernel_shapes)
 
 
 def check_layout(head_dim: int, kv_heads: int, capacity: int, bits: int = 4,
@@ -71,30 +73,51 @@ def check_heads(q_heads: int, kv_heads: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # Split-K planning (host side)
 
+# The planner's cost model, fitted to H100 measurements (experiments/results/attention_bench.md):
+HBM_BYTES_PER_S = 2.9e12   # sustained read bandwidth of the decode kernel's access pattern
+LOAD_LATENCY_S = 1.3e-6    # loaded DRAM latency: a CTA streams at most its bytes in flight per this
+MERGE_S = (2e-6, 0.15e-6)  # split-K merge by the last CTA: fixed + per partition
+
+
+@dataclass(frozen=True)
+class KernelShape:
+    """What the split planner needs to know of one decode-kernel build."""
+    name: str            # "kv4" (4-stage rings), "kv4deep" (8-stage rings) or "fp16"
+    slots: int           # CTAs resident on the whole GPU at once
+    inflight_bytes: int  # bytes one CTA keeps in flight: warps x (stages - 1) x tile bytes
+
+
 @dataclass(frozen=True)
 class SplitPlan:
-    splits: int   # context partitions launched per (sequence, head block)
-    chunk: int    # tokens per partition, a multiple of CHUNK_ALIGN
+    splits: int       # context partitions launched per (sequence, head block)
+    chunk: int        # tokens per partition, a multiple of CHUNK_ALIGN
+    kernel: str = ""  # the build to launch; "" means the 4-stage one of the cache format
 
 
-def plan_splits(ctas: int, max_len: int, slots: int, max_splits: int = 64,
-                overhead_tokens: int = CHUNK_ALIGN) -> SplitPlan:
-    """Pick the partition count minimizing waves * (chunk + per-CTA overhead).
+def plan_splits(ctas: int, max_len: int, token_bytes: int, kernels, max_splits: int = 64
+                ) -> SplitPlan:
+    """Pick the kernel build and partition count minimizing the modelled time
 
-    ctas: CTAs without splitting (batch * kv_heads * head_blocks); slots: CTAs resident at once
-    (SMs * CTAs per SM). A wave model: a partially filled last wave costs a whole wave.
+        max(all bytes / HBM bandwidth, waves * one CTA's bytes * latency / its bytes in flight)
+        + (split-K merge if partitioned),
+
+    where ctas = batch * kv_heads * head_blocks, token_bytes = bytes of one token of one KV head,
+    and a partially filled last wave of CTAs costs a whole wave.
     """
     max_len = max(int(max_len), 1)
-    best, best_cost = SplitPlan(1, _align(max_len, CHUNK_ALIGN)), math.inf
-    for s in range(1, max_splits + 1):
-        chunk = _align(-(-max_len // s), CHUNK_ALIGN)
-        splits = -(-max_len // chunk)
-        if splits != s:
-            continue
-        waves = -(-ctas * splits // slots)
-        cost = waves * (chunk + overhead_tokens)
-        if cost < best_cost:
-            best, best_cost = SplitPlan(splits, chunk), cost
+    total_s = ctas * max_len * token_bytes / HBM_BYTES_PER_S
+    best, best_t = None, math.inf
+    for shape in kernels:
+        for s in range(1, max_splits + 1):
+            chunk = _align(-(-max_len // s), CHUNK_ALIGN)
+            splits = -(-max_len // chunk)
+            if splits != s:
+                continue
+            waves = -(-ctas * splits // shape.slots)
+            cta_s = chunk * token_bytes * LOAD_LATENCY_S / shape.inflight_bytes
+            t = max(total_s, waves * cta_s) + (MERGE_S[0] + MERGE_S[1] * splits if splits > 1 else 0)
+            if t < best_t:
+                best, best_t = SplitPlan(splits, chunk, shape.name), t
     return best
 
 
@@ -124,13 +147,37 @@ def _launch(kernel, grid, block, args, smem: int = 0) -> None:
         kernel(grid, block, args, shared_mem=smem)
 
 
+def _token_bytes(fmt: str, head_dim: int) -> int:
+    """Cache bytes of one token of one KV head (K and V)."""
+    return head_dim + 8 if fmt.startswith("kv4") else 4 * head_dim
+
+
+def _stage_bytes(fmt: str, head_dim: int) -> int:
+    if fmt.startswith("kv4"):
+        return TILE * (head_dim // 2) + TILE * (head_dim // 2 + 16) + 2 * TILE * 4
+    return 2 * TILE * (2 * head_dim + 16)
+
+
 def _smem_bytes(fmt: str, head_dim: int) -> int:
     """Dynamic shared memory of a decode CTA: the query rows plus each warp's cp.async ring."""
-    if fmt == "kv4":
-        stage = TILE * (head_dim // 2) + TILE * (head_dim // 2 + 16) + 2 * TILE * 4
-    else:
-        stage = 2 * TILE * (2 * head_dim + 16)
-    return HEADS_PER_CTA * head_dim * 2 + WARPS * _RING_STAGES[fmt] * stage
+    return HEADS_PER_CTA * head_dim * 2 + WARPS * _RING_STAGES[fmt] * _stage_bytes(fmt, head_dim)
+
+
+def kernel_shapes(family: str, head_dim: int, device_index: int = 0,
+                  options: tuple[str, ...] = (), builds=None) -> list[KernelShape]:
+    """Decode builds of a cache format ("kv4" or "fp16") as the split planner sees them.
+
+    By default only the 4-stage kv4 build: the planner's latency term (bytes in flight / DRAM
+    latency) would favour the 8-stage "kv4deep" build for lone CTAs, but whether a lone CTA is
+    bound by its bytes in flight or by its own instruction latency is what the benchmark's sweep
+    measures; pass builds=("kv4", "kv4deep") to plan over both.
+    """
+    shapes = []
+    for fmt in builds or _PLANNED[family]:
+        sms, per_sm = _resident_ctas(fmt, head_dim, device_index, tuple(options))
+        inflight = WARPS * (_RING_STAGES[fmt] - 1) * TILE * _token_bytes(fmt, head_dim)
+        shapes.append(KernelShape(fmt, sms * per_sm, inflight))
+    return shapes
 
 
 @functools.lru_cache(maxsize=None)
@@ -203,7 +250,7 @@ def decode_attention_fp16(q, k, v, lengths, max_len: int, softmax_scale: float |
                    plan, out, ())
 
 
-def _decode(fmt, q, k, kp, v, vp, lengths, max_len, B, Hkv, cap, D, softmax_scale, plan, out,
+def _decode(family, q, k, kp, v, vp, lengths, max_len, B, Hkv, cap, D, softmax_scale, plan, out,
             options):
     require_kernel_backend()
     check_layout(D, Hkv, cap)
@@ -216,8 +263,11 @@ def _decode(fmt, q, k, kp, v, vp, lengths, max_len, B, Hkv, cap, D, softmax_scal
     head_blocks = -(-group // HEADS_PER_CTA)
     device = q.device
     if plan is None:
-        sms, per_sm = _resident_ctas(fmt, D, device.index or 0, options)
-        plan = plan_splits(B * Hkv * head_blocks, max_len, sms * per_sm)
+        plan = plan_splits(B * Hkv * head_blocks, max_len, _token_bytes(family, D),
+                           kernel_shapes(family, D, device.index or 0, options))
+    fmt = plan.kernel or family
+    if fmt not in _FAMILY[family]:
+        raise ValueError(f"plan.kernel={plan.kernel!r}: a {family} cache runs {_FAMILY[family]}")
     if (plan.chunk % CHUNK_ALIGN or plan.splits * plan.chunk < max_len
             or not 1 <= plan.splits <= MAX_SPLITS):
         raise ValueError(f"plan={plan}: chunk must be a multiple of {CHUNK_ALIGN}, splits in "

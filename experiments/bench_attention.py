@@ -5,8 +5,8 @@
 
 Variants timed side by side in the same process on the same data:
   kv4   our kernel on the 4-bit cache (codes + fp16 scale/zero per token per head), split-K
-        partitions from the planner; kv4_occ5: built for 5 CTAs per SM (a few register spills);
-        kv4_best: the fastest of a sweep over partition counts (to check the planner)
+        partitions from the planner; kv4_best: the fastest of a sweep over partition counts and
+        over the 4- and 8-stage ring builds (a check of the planner's model)
   fp16  the same kernel reading the FP16 cache
   sdpa  torch scaled_dot_product_attention on the FP16 cache [B, Hkv, L, D] (enable_gqa for GQA)
 All sequences of a row have the same length L (the SDPA baseline then needs no mask, its fastest
@@ -40,8 +40,8 @@ BATCHES = [1, 16, 64, 256]
 CONTEXTS = [512, 2048, 8192]
 ROTATE_BYTES = 200e6  # > 2 x the 50 MB L2 for the smallest of the variants' working sets
 TOL = 2e-3
-OCC5 = ("-DKV4_MIN_CTAS=5",)
-SWEEP_SPLITS = (1, 2, 4, 8, 16, 32)
+SWEEP_SPLITS = (1, 2, 4, 8, 16)
+SWEEP_BUILDS = ("kv4", "kv4deep")
 
 
 def log(msg: str) -> None:
@@ -154,10 +154,11 @@ def check_correctness() -> list[dict]:
                 cache.attend(q, plan=plan, out=out4)
                 out16 = torch.full_like(q, float("nan"))
                 kk.decode_attention_fp16(q, k, v, dev_len, max(lengths), plan=plan, out=out16)
-                out5 = torch.full_like(q, float("nan"))
+                deep = kk.SplitPlan(plan.splits, plan.chunk, "kv4deep") if plan else \
+                    kk.SplitPlan(4, 1088, "kv4deep")
+                out8 = torch.full_like(q, float("nan"))
                 kk.decode_attention_kv4(q, cache.k_codes, cache.k_params, cache.v_codes,
-                                        cache.v_params, dev_len, max(lengths), plan=plan,
-                                        out=out5, compile_options=OCC5)
+                                        cache.v_params, dev_len, max(lengths), plan=deep, out=out8)
                 torch.cuda.synchronize()
                 rec = dict(head_dim=D, kv_heads=kv_heads, group=group, chunk=chunk or "plan",
                            append_exact=exact_codes,
@@ -165,14 +166,14 @@ def check_correctness() -> list[dict]:
                            kv4_err=rel(out4, ref4),
                            fp16_written=bool(torch.isfinite(out16).all()),
                            fp16_err=rel(out16, ref16),
-                           occ5_err=rel(out5, ref4) if torch.isfinite(out5).all() else math.inf)
+                           deep_err=rel(out8, ref4) if torch.isfinite(out8).all() else math.inf)
                 rec["ok"] = (rec["append_exact"] and rec["kv4_written"] and rec["fp16_written"]
                              and rec["kv4_err"] < TOL and rec["fp16_err"] < TOL
-                             and rec["occ5_err"] < TOL)
+                             and rec["deep_err"] < TOL)
                 records.append(rec)
                 log(f"  check D={D} kv={kv_heads} g={group} chunk={rec['chunk']}: "
                     f"append_exact={exact_codes} kv4_err={rec['kv4_err']:.2e} "
-                    f"fp16_err={rec['fp16_err']:.2e} occ5_err={rec['occ5_err']:.2e} "
+                    f"fp16_err={rec['fp16_err']:.2e} deep_err={rec['deep_err']:.2e} "
                     f"{'ok' if rec['ok'] else 'FAIL'}")
     return records
 
@@ -213,15 +214,14 @@ def bench_row(name, Hq, Hkv, B, L, bw, D=HEAD_DIM) -> dict | None:
 
     group = Hq // Hkv
     head_blocks = -(-group // kk.HEADS_PER_CTA)
-    plan4 = kk.plan_splits(B * Hkv * head_blocks, L, _slots("kv4"))
-    plan16 = kk.plan_splits(B * Hkv * head_blocks, L, _slots("fp16"))
+    plan4 = _plan("kv4", B * Hkv * head_blocks, L)
+    plan16 = _plan("fp16", B * Hkv * head_blocks, L)
     gqa = Hq != Hkv
 
-    def kv4(s, plan=plan4, options=()):
+    def kv4(s, plan=plan4):
         c = s["cache"]
         return kk.decode_attention_kv4(s["q"], c.k_codes, c.k_params, c.v_codes, c.v_params,
-                                       c.lengths, L, plan=plan, out=s["out4"],
-                                       compile_options=options)
+                                       c.lengths, L, plan=plan, out=s["out4"])
 
     def fp16(s):
         return kk.decode_attention_fp16(s["q"], s["k"], s["v"], s["cache"].lengths, L,
@@ -249,15 +249,15 @@ def bench_row(name, Hq, Hkv, B, L, bw, D=HEAD_DIM) -> dict | None:
     results = {}
     for vname, fn in (("kv4", kv4), ("fp16", fp16), ("sdpa", sdpa)):
         results[vname] = time_calls([lambda s=s, fn=fn: fn(s) for s in sets])
-    plan5 = kk.plan_splits(B * Hkv * head_blocks, L, _slots("kv4", OCC5))
-    occ5 = time_calls([lambda s=s: kv4(s, plan5, OCC5) for s in sets])[0]
-    sweep = {plan4.splits: results["kv4"][0]}
-    for n in SWEEP_SPLITS:
-        chunk = kk._align(-(-L // n), kk.CHUNK_ALIGN)
-        p = kk.SplitPlan(-(-L // chunk), chunk)
-        if p.splits not in sweep:
-            sweep[p.splits] = time_calls([lambda s=s, p=p: kv4(s, p) for s in sets])[0]
-    best_splits = min(sweep, key=sweep.get)
+    sweep = {(plan4.kernel, plan4.splits): results["kv4"][0]}
+    for build in SWEEP_BUILDS:
+        for n in SWEEP_SPLITS:
+            chunk = kk._align(-(-L // n), kk.CHUNK_ALIGN)
+            p = kk.SplitPlan(-(-L // chunk), chunk, build)
+            if (build, p.splits) not in sweep:
+                sweep[(build, p.splits)] = time_calls([lambda s=s, p=p: kv4(s, p) for s in sets])[0]
+    best = min(sweep, key=sweep.get)
+    deep_best = min((v for k_, v in sweep.items() if k_[0] == "kv4deep"), default=math.nan)
 
     def traffic(cache_bytes, plan):
         partials = 2 * B * Hq * plan.splits * (D + 1) * 4 if plan.splits > 1 else 0
@@ -269,9 +269,8 @@ def bench_row(name, Hq, Hkv, B, L, bw, D=HEAD_DIM) -> dict | None:
     row = dict(
         config=name, q_heads=Hq, kv_heads=Hkv, head_dim=D, batch=B, context=L,
         kv4_splits=plan4.splits, fp16_splits=plan16.splits, rotating_sets=nsets,
-        kv4_us=t4 * 1e6, fp16_us=t16 * 1e6, sdpa_us=ts * 1e6, kv4_occ5_us=occ5 * 1e6,
-        kv4_occ5_splits=plan5.splits, kv4_best_us=sweep[best_splits] * 1e6,
-        kv4_best_splits=best_splits,
+        kv4_us=t4 * 1e6, fp16_us=t16 * 1e6, sdpa_us=ts * 1e6, kv4_best_us=sweep[best] * 1e6,
+        kv4_best_build=best[0], kv4_best_splits=best[1], kv4deep_best_us=deep_best * 1e6,
         speedup_vs_sdpa=ts / t4, speedup_vs_fp16_kernel=t16 / t4,
         kv4_MB=bytes4 / 1e6, fp16_MB=bytes16 / 1e6,
         kv4_floor_us=bytes4 / bw * 1e6, fp16_floor_us=bytes_sdpa / bw * 1e6,
@@ -285,16 +284,16 @@ def bench_row(name, Hq, Hkv, B, L, bw, D=HEAD_DIM) -> dict | None:
     log(f"  {name:12s} B={B:3d} L={L:5d}: kv4 {row['kv4_us']:8.1f} us ({row['kv4_hbm_pct']:5.1f}% HBM,"
         f" {plan4.splits} splits)  fp16 {row['fp16_us']:8.1f} us ({row['fp16_hbm_pct']:5.1f}%)  "
         f"sdpa {row['sdpa_us']:8.1f} us ({row['sdpa_hbm_pct']:5.1f}%)  x{row['speedup_vs_sdpa']:.2f}"
-        f"  occ5 {row['kv4_occ5_us']:.1f} best {row['kv4_best_us']:.1f} (S={best_splits})"
+        f"  best {row['kv4_best_us']:.1f} ({best[0]} S={best[1]}) deep {row['kv4deep_best_us']:.1f}"
         f"  err {row['kv4_err']:.1e}/{row['fp16_err']:.1e}/{row['sdpa_err']:.1e}")
     del sets, outs
     torch.cuda.empty_cache()
     return row
 
 
-def _slots(fmt: str, options=()) -> int:
-    sms, per_sm = kk._resident_ctas(fmt, HEAD_DIM, torch.cuda.current_device(), tuple(options))
-    return sms * per_sm
+def _plan(family: str, ctas: int, max_len: int) -> kk.SplitPlan:
+    shapes = kk.kernel_shapes(family, HEAD_DIM, torch.cuda.current_device())
+    return kk.plan_splits(ctas, max_len, kk._token_bytes(family, HEAD_DIM), shapes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,11 +318,11 @@ def write_markdown(rows, checks, env, path: Path) -> None:
     lines += [f"- {k}: {v}" for k, v in env.items()]
     lines += ["", "Equal lengths per row (SDPA without a mask, its fastest path). Times: median per "
               "call inside CUDA graphs, rotating inputs larger than L2. HBM % = bytes moved / time "
-              "/ copy bandwidth. occ5: the kernel built for 5 CTAs per SM; best-split: the fastest "
-              "of a sweep over split-K partition counts S (a check of the planner).", ""]
+              "/ copy bandwidth. Sweep: split-K partition counts S in 1..16 for the 4-stage (kv4) and "
+              "8-stage (kv4deep) ring builds, a check of the planner's cost model.", ""]
     lines.append("| config | batch | context | kv4 us | fp16 kernel us | SDPA us | x SDPA | "
                  "x fp16 kernel | kv4 HBM % | fp16 kernel HBM % | SDPA HBM % | kv4 floor us | "
-                 "splits | kv4 err | occ5 us | best-split us (S) | target |")
+                 "splits | kv4 err | sweep best us (build, S) | 8-stage best us | target |")
     lines.append("|" + "---|" * 17)
     for r in rows:
         target = ""
@@ -336,8 +335,8 @@ def write_markdown(rows, checks, env, path: Path) -> None:
             f"{r['fp16_us']:.1f} | {r['sdpa_us']:.1f} | {r['speedup_vs_sdpa']:.2f} | "
             f"{r['speedup_vs_fp16_kernel']:.2f} | {r['kv4_hbm_pct']:.1f} | {r['fp16_hbm_pct']:.1f} | "
             f"{r['sdpa_hbm_pct']:.1f} | {r['kv4_floor_us']:.1f} | {r['kv4_splits']} | "
-            f"{r['kv4_err']:.1e} | {r['kv4_occ5_us']:.1f} | {r['kv4_best_us']:.1f} "
-            f"({r['kv4_best_splits']}) | {target} |")
+            f"{r['kv4_err']:.1e} | {r['kv4_best_us']:.1f} ({r['kv4_best_build']}, "
+            f"{r['kv4_best_splits']}) | {r['kv4deep_best_us']:.1f} | {target} |")
     lines += ["", "Memory per cached token (K + V, all KV heads, head_dim 128):", "",
               "| config | 4-bit bytes | FP16 bytes | ratio |", "|---|---|---|---|"]
     for name, _, hkv in CONFIGS:
@@ -399,13 +398,11 @@ def main() -> int:
                torch=torch.__version__, cupy=cupy.__version__)
     bw = copy_bandwidth()
     env["copy_bandwidth_GBps"] = round(bw / 1e9, 1)
-    env["kv4_ctas_per_sm"] = kk._resident_ctas("kv4", HEAD_DIM, 0)[1]
-    env["kv4_occ5_ctas_per_sm"] = kk._resident_ctas("kv4", HEAD_DIM, 0, OCC5)[1]
-    env["fp16_kernel_ctas_per_sm"] = kk._resident_ctas("fp16", HEAD_DIM, 0)[1]
-    for label, fmt, opts in (("kv4", "kv4", ()), ("kv4_occ5", "kv4", OCC5), ("fp16", "fp16", ())):
-        kern = kk._decode_kernel(fmt, HEAD_DIM, opts)
-        env[f"{label}_regs"] = getattr(kern, "num_regs", "?")
-        env[f"{label}_local_bytes"] = getattr(kern, "local_size_bytes", "?")
+    for fmt in ("kv4", "kv4deep", "fp16"):
+        kern = kk._decode_kernel(fmt, HEAD_DIM)
+        env[f"{fmt}_ctas_per_sm"] = kk._resident_ctas(fmt, HEAD_DIM, 0)[1]
+        env[f"{fmt}_regs"] = getattr(kern, "num_regs", "?")
+        env[f"{fmt}_local_bytes"] = getattr(kern, "local_size_bytes", "?")
     log(f"env: {json.dumps(env)}")
 
     log("correctness:")

@@ -148,10 +148,10 @@ __device__ __forceinline__ float load_cg(const float* p) {
 // score accumulator of n-tile n holds tokens n*8 + 2*tig + {0,1} for head gid; the output
 // accumulator of m-tile mt holds heads 2*tig + {0,1} for d = out_d(mt, 0 or 1).
 
-template <int D>
+template <int D, int STAGES>
 struct KV4 {
     static constexpr bool QUANTIZED = true;
-    static constexpr int NST = 4;                  // ring stages per warp
+    static constexpr int NST = STAGES;             // ring stages per warp
     static constexpr int K_ROW = D / 2;            // bytes of one token's codes
     static constexpr int V_PITCH = D / 2 + 16;     // padded: conflict-free 8-byte value reads
     static constexpr int OFF_V = TILE * K_ROW;
@@ -245,10 +245,10 @@ struct KV4 {
     }
 };
 
-template <int D>
+template <int D, int STAGES>
 struct KV16 {
     static constexpr bool QUANTIZED = false;
-    static constexpr int NST = 3;
+    static constexpr int NST = STAGES;
     static constexpr int ROW = 2 * D;
     static constexpr int PITCH = 2 * D + 16;  // conflict-free ldmatrix rows
     static constexpr int OFF_V = TILE * PITCH;
@@ -572,21 +572,31 @@ __device__ __forceinline__ void decode_attention(
     if (tid == 0) tickets[ticket] = 0;
 }
 
-// MIN_CTAS: CTAs per SM the register budget must allow (the fp16 rings allow only 2 anyway).
+// MIN_CTAS: CTAs per SM the register budget must allow. Ring depths: 4 stages (3 tiles in flight
+// per warp) when many CTAs share an SM; 8 (7 in flight) for grids of at most 2 CTAs per SM, where
+// one CTA's bytes in flight bound its speed; fp16 3 (its tiles are 4x larger).
 #define DEFINE_DECODE(NAME, FMT, D, MIN_CTAS)                                                     \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS) NAME(                            \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS) NAME(                     \
         const u16* q, const u8* k, const u32* k_params, const u8* v, const u32* v_params,         \
         const int* lengths, int kv_heads, int group, int head_blocks, int capacity, int chunk,    \
         int splits, float scale_log2, u16* out, float* part_o, float* part_lse, int* tickets) {   \
-        decode_attention<FMT<D>, D>(q, k, k_params, v, v_params, lengths, kv_heads, group,        \
-                                    head_blocks, capacity, chunk, splits, scale_log2, out,        \
-                                    part_o, part_lse, tickets);                                   \
+        decode_attention<FMT, D>(q, k, k_params, v, v_params, lengths, kv_heads, group,           \
+                                 head_blocks, capacity, chunk, splits, scale_log2, out, part_o,   \
+                                 part_lse, tickets);                                              \
     }
 
-#ifndef KV4_MIN_CTAS  // -DKV4_MIN_CTAS=5 trades a few register spills for a fifth CTA per SM
+#ifndef KV4_MIN_CTAS  // -DKV4_MIN_CTAS=5 trades register spills for a fifth CTA per SM
 #define KV4_MIN_CTAS 4
 #endif
-DEFINE_DECODE(decode_attention_kv4_d64, KV4, 64, KV4_MIN_CTAS)
-DEFINE_DECODE(decode_attention_kv4_d128, KV4, 128, KV4_MIN_CTAS)
-DEFINE_DECODE(decode_attention_fp16_d64, KV16, 64, 2)
-DEFINE_DECODE(decode_attention_fp16_d128, KV16, 128, 2)
+typedef KV4<64, 4> KV4_64;
+typedef KV4<128, 4> KV4_128;
+typedef KV4<64, 8> KV4_DEEP_64;
+typedef KV4<128, 8> KV4_DEEP_128;
+typedef KV16<64, 3> KV16_64;
+typedef KV16<128, 3> KV16_128;
+DEFINE_DECODE(decode_attention_kv4_d64, KV4_64, 64, KV4_MIN_CTAS)
+DEFINE_DECODE(decode_attention_kv4_d128, KV4_128, 128, KV4_MIN_CTAS)
+DEFINE_DECODE(decode_attention_kv4deep_d64, KV4_DEEP_64, 64, 2)
+DEFINE_DECODE(decode_attention_kv4deep_d128, KV4_DEEP_128, 128, 2)
+DEFINE_DECODE(decode_attention_fp16_d64, KV16_64, 64, 2)
+DEFINE_DECODE(decode_attention_fp16_d128, KV16_128, 128, 2)

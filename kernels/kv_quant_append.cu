@@ -5,8 +5,9 @@
 // nibble-packed unsigned codes and one 32-bit word holding (fp16 scale, fp16 zero) in its low and
 // high halves. blockIdx.y picks K (0) or V (1), so one launch appends both.
 //
-// Arithmetic is encode_kv's, bit for bit: scale = max(clip*max - clip*min) / qmax in fp32, clamped
-// to 1e-5, rounded to fp16; zero = clamp(rint(-clip*min / float(scale)), 0, qmax);
+// Arithmetic is encode_kv's, bit for bit: the range always contains 0 (hi = max(max, 0) * clip,
+// lo = min(min, 0) * clip); scale = (hi - lo) / qmax in fp32, clamped to 1e-5, rounded to fp16;
+// zero = clamp(rint(-lo / float(scale)), 0, qmax);
 // code = clamp(rint(x / float(scale)) + zero, 0, qmax) with true IEEE division (no fast math).
 // Self-contained (no headers) so NVRTC needs no include path.
 
@@ -63,7 +64,7 @@ __device__ void quant_append_row(const u16* __restrict__ src, u8* __restrict__ c
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
         mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, o));
     }
-    const float xmax = mx * clip, xmin = mn * clip;
+    const float xmax = fmaxf(mx, 0.f) * clip, xmin = fminf(mn, 0.f) * clip;
     const u16 scale_h = float_to_half(fmaxf((xmax - xmin) / (float)qmax, MIN_SCALE));
     const float scale = half_to_float(scale_h);
     const float zero = fminf(fmaxf(rintf(-xmin / scale), 0.f), (float)qmax);

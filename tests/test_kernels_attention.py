@@ -37,19 +37,31 @@ def test_gqa_heads_must_be_a_multiple():
         kk.check_heads(12, 8)
 
 
+H100_KV4 = kk.KernelShape("kv4", slots=132 * 4, inflight_bytes=4 * 3 * 16 * 136)
+
+
 @pytest.mark.parametrize("ctas, max_len", [(32, 512), (128, 2048), (512, 2048), (8192, 8192),
                                            (1, 1), (7, 100_000)])
 def test_split_plan_covers_the_context(ctas, max_len):
-    plan = kk.plan_splits(ctas, max_len, slots=132 * 4)
+    plan = kk.plan_splits(ctas, max_len, 136, [H100_KV4])
+    assert plan.kernel == "kv4"
     assert plan.chunk % kk.CHUNK_ALIGN == 0
     assert plan.splits * plan.chunk >= max_len > (plan.splits - 1) * plan.chunk
-    if ctas >= 132 * 4:  # the batch fills the GPU: no partitions
-        assert plan.splits == 1
 
 
-def test_split_plan_partitions_a_small_batch():
-    plan = kk.plan_splits(128, 8192, slots=132 * 4)  # batch 16 x 8 KV heads
-    assert 128 * plan.splits >= 132 * 4 // 2
+def test_split_plan_partitions_only_where_the_batch_leaves_sms_idle():
+    assert kk.plan_splits(256 * 32, 8192, 136, [H100_KV4]).splits == 1  # many CTAs: no merge cost
+    assert kk.plan_splits(64 * 8, 2048, 136, [H100_KV4]).splits == 1
+    assert kk.plan_splits(8, 8192, 136, [H100_KV4]).splits >= 8  # one sequence, 8 KV heads
+    assert kk.plan_splits(32, 8192, 136, [H100_KV4]).splits >= 4
+
+
+def test_split_plan_picks_the_faster_build():
+    few_slots = kk.KernelShape("kv4deep", slots=132 * 2, inflight_bytes=4 * 7 * 16 * 136)
+    # a lone sequence: the build with more bytes in flight per CTA wins under the model
+    assert kk.plan_splits(8, 8192, 136, [H100_KV4, few_slots]).kernel == "kv4deep"
+    # a full batch: the build with more resident CTAs is as fast and listed first
+    assert kk.plan_splits(8192, 8192, 136, [H100_KV4, few_slots]).kernel == "kv4"
 
 
 def test_memory_per_token_under_0_3_of_fp16():
@@ -143,15 +155,16 @@ def _filled_cache(B, Hkv, D, lengths, gen, capacity=None):
 @gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("kv_heads, group", [(2, 1), (2, 3), (1, 4), (2, 8), (1, 12)])
-@pytest.mark.parametrize("chunk", [None, 64, 1024])  # planned, many partitions, one partition
-def test_decode_kv4_matches_reference(head_dim, kv_heads, group, chunk):
+@pytest.mark.parametrize("chunk, build", [(None, ""), (64, ""), (1024, ""), (256, "kv4deep")])
+def test_decode_kv4_matches_reference(head_dim, kv_heads, group, chunk, build):
+    """Planned, many partitions, one partition, and the 8-stage ring build."""
     gen = torch.Generator().manual_seed(head_dim * 100 + kv_heads * 10 + group)
     lengths = [1, 17, 300, 1000]
     B = len(lengths)
     cache, k, v = _filled_cache(B, kv_heads, head_dim, lengths, gen)
     q = _rand((B, kv_heads * group, head_dim), 2.0, gen)  # peaked softmax, not uniform
     ref = kk.reference_decode_attention(q, k, v, lengths)
-    plan = None if chunk is None else kk.SplitPlan(-(-max(lengths) // chunk), chunk)
+    plan = None if chunk is None else kk.SplitPlan(-(-max(lengths) // chunk), chunk, build)
     for _ in range(2):  # twice: the split-K tickets must reset themselves
         out = torch.full_like(q, float("nan")).cuda()
         cache.attend(q.cuda(), plan=plan, out=out)
