@@ -13,7 +13,6 @@ from omegaconf.errors import MissingMandatoryValue
 
 from atom_lab.config import ConfigError
 from atom_lab.cuda import KernelBackendUnavailable
-from atom_lab.data import DataError
 
 DEBUG_ENV = "ATOM_LAB_DEBUG"
 USER_ERROR_EXIT_CODE = 2
@@ -24,9 +23,13 @@ class HarnessError(ValueError):
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
+    # imported here: data.py and models.py pull in torch/transformers, which run.py's
+    # command-line check does not need
+    from atom_lab.data import DataError
+
     types: list[type[BaseException]] = [ConfigError, DataError, HarnessError,
                                         KernelBackendUnavailable, MissingMandatoryValue]
-    try:  # models.py pulls in transformers; only needed once a model is about to load
+    try:
         from atom_lab.models import ModelLoadError
 
         types.append(ModelLoadError)

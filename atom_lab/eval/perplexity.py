@@ -129,9 +129,10 @@ def window_nlls(model, tokens: torch.Tensor, seqlen: int, max_windows: int | Non
                                disable=not progress) as bar:
         for start in range(0, n_windows, batch_size):
             batch = windows[start : start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits
-            nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch[:, 1:],
-                                  reduction="none").mean(dim=1)
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                  batch[:, 1:].reshape(-1), reduction="none")
+            nll = nll.view(batch.shape[0], -1).mean(dim=1)
             nlls.append(nll.cpu())
             bar.update(batch.shape[0])
     return torch.cat(nlls)
