@@ -42,12 +42,17 @@ class InMemoryLM(TemplateLM):
         width = max(len(x) for x in inputs)
         pad = self.eot_token_id
         ids = torch.tensor([x + [pad] * (width - len(x)) for x in inputs], device=self.device)
+        # the logits at positions len(inp)-len(cont) .. len(inp)-1 predict the continuation;
+        # only the last `keep` positions are projected to the vocabulary (batches are sorted by
+        # length, so the continuations of one batch sit near its end)
+        first = min(len(inp) - len(cont) for inp, (_, cont) in zip(inputs, batch))
+        keep = width - first
         with torch.no_grad():
-            logprobs = F.log_softmax(self.model(input_ids=ids, use_cache=False).logits.float(), -1)
+            logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
         results = []
         for row, (inp, (_, cont)) in enumerate(zip(inputs, batch)):
-            # the logits at positions len(inp)-len(cont) .. len(inp)-1 predict the continuation
-            span = logprobs[row, len(inp) - len(cont) : len(inp)]
+            start = len(inp) - len(cont) - first
+            span = F.log_softmax(logits[row, start : start + len(cont)].float(), dim=-1)
             target = torch.tensor(cont, device=span.device)
             greedy = bool((span.argmax(-1) == target).all())
             results.append((float(span.gather(-1, target[:, None]).sum()), greedy))
