@@ -40,16 +40,57 @@ STEPS = [
 
 
 def search_grid() -> list[tuple[str, dict]]:
-    """W4A4KV4 variants around Atom's recipe (no rotation): group size, outliers, clipping."""
-    grid = []
-    for group in (32, 64):
-        for outliers in (128, 256):
-            for a_clip, w_clip in ((0.9, 0.85), (1.0, 0.9)):
-                cfg = dict(ATOM, w_bits=4, a_bits=4, kv_bits=4, group_size=group,
-                           outliers=outliers, a_clip=a_clip, w_clip=w_clip, kv_group_size=0)
-                name = f"search g{group} o{outliers} ac{a_clip} wc{w_clip}"
-                grid.append((name, cfg))
+    """Where the error comes from (weight-only variants) and W4A4KV4 variants around Atom's
+    recipe (no rotation): group size, asymmetric weights, KV groups, clipping, outliers."""
+    w4 = dict(w_bits=4)
+    grid = [
+        ("W4A16 g32 RTN", dict(w4, group_size=32)),
+        ("W4A16 g128 asym RTN", dict(w4, group_size=128, w_sym=False)),
+        ("W4A16 g32 asym RTN", dict(w4, group_size=32, w_sym=False)),
+        ("W4A16 g128 GPTQ damp0.1", dict(w4, group_size=128, weight_method="gptq", percdamp=0.1)),
+        ("W4A16 g128 GPTQ act_order", dict(w4, group_size=128, weight_method="gptq",
+                                            act_order=True)),
+    ]
+    kv4 = dict(ATOM, w_bits=4, a_bits=4, kv_bits=4)
+    variants = [
+        ("g64", dict(group_size=64)),
+        ("g32", dict(group_size=32)),
+        ("g64 w-asym", dict(group_size=64, w_sym=False)),
+        ("g32 w-asym", dict(group_size=32, w_sym=False)),
+        ("g32 w-asym RTN", dict(group_size=32, w_sym=False, weight_method="rtn")),
+        ("g32 w-asym kvg32", dict(group_size=32, w_sym=False, kv_group_size=32)),
+        ("g32 w-asym kvg32 K-after-RoPE", dict(group_size=32, w_sym=False, kv_group_size=32,
+                                               k_before_rope=False)),
+        ("g32 w-asym kvg32 wclip1", dict(group_size=32, w_sym=False, kv_group_size=32,
+                                         w_clip=1.0)),
+        ("g32 w-asym kvg32 o256", dict(group_size=32, w_sym=False, kv_group_size=32,
+                                       outliers=256)),
+    ]
+    grid += [(f"W4A4KV4 {name}", dict(kv4, **v)) for name, v in variants]
     return grid
+
+
+def refine_grid() -> list[tuple[str, dict]]:
+    """Second round around the best of search_grid (g32, asymmetric weights, KV groups of 32,
+    256 outliers): weight clipping off, GPTQ act-order, finer groups, K after RoPE, static."""
+    base = dict(ATOM, w_bits=4, a_bits=4, kv_bits=4, group_size=32, w_sym=False,
+                kv_group_size=32, outliers=256)
+    best = dict(base, w_clip=1.0, act_order=True)
+    variants = [
+        ("wclip1", dict(base, w_clip=1.0)),
+        ("wclip1 act_order", best),
+        ("wclip1 act_order K-after-RoPE", dict(best, k_before_rope=False)),
+        ("wclip1 act_order aclip1", dict(best, a_clip=1.0)),
+        ("wclip1 act_order kvg16", dict(best, kv_group_size=16)),
+        ("wclip1 act_order g16", dict(best, group_size=16)),
+        ("wclip1 act_order kvclip0.95", dict(best, kv_clip=0.95)),
+        ("wclip1 act_order o128", dict(best, outliers=128)),
+        ("wclip1 act_order static", dict(best, dynamic=False)),
+    ]
+    return [(f"W4A4KV4 g32 w-asym kvg32 o256 {name}", v) for name, v in variants]
+
+
+GRIDS = {"search": search_grid, "refine": refine_grid}
 
 
 def run_step(name, overrides, args, base_model, calib_windows, eval_tokens, cache_dir):
@@ -105,8 +146,9 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4, help="evaluation windows per forward")
     p.add_argument("--steps", default="", help="comma-separated step names (default: all)")
-    p.add_argument("--search", action="store_true", help="add the W4A4KV4 search grid")
+    p.add_argument("--search", action="store_true", help="add the search grid (--grid)")
     p.add_argument("--only-search", action="store_true")
+    p.add_argument("--grid", default="search", choices=sorted(GRIDS))
     p.add_argument("--out", default="experiments/results")
     p.add_argument("--tag", default="")
     args = p.parse_args()
@@ -126,21 +168,25 @@ def main():
         wanted = set(args.steps.split(","))
         steps = [s for s in steps if s[0] in wanted]
     if args.search or args.only_search:
-        steps = steps + search_grid()
+        steps = steps + GRIDS[args.grid]()
     cache_dir = Path(args.out) / ".calib_cache"
-    rows = []
+    rows, meta, table = [], describe_run(args), ""
     for name, overrides in steps:
         row = run_step(name, overrides, args, base_model, calib_windows, eval_tokens, cache_dir)
         print(f"{row['step']:<40} ppl {row['ppl']:>9.3f}  quant {row['quant_s']:>6}s  "
               f"eval {row['eval_s']:>6}s", flush=True)
         rows.append(row)
+        table = write_tables(rows, Path(args.out) / (args.tag or "ablation"), meta)
+    print(table)
+
+
+def describe_run(args) -> dict:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
-    meta = dict(model=args.model, seqlen=args.seqlen, device=device,
+    return dict(model=args.model, seqlen=args.seqlen, device=device,
                 calib=f"{args.nsamples} x {args.calib_seqlen} tokens of WikiText-2 validation, "
                       f"seed {args.seed}",
                 note="Weights of SmolLM2-135M-Instruct come from a Q4_1 GGUF (already on a "
                      "4-bit asymmetric group-32 grid); activations are real.")
-    print(write_tables(rows, Path(args.out) / (args.tag or "ablation"), meta))
 
 
 if __name__ == "__main__":
