@@ -29,12 +29,12 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
     types: list[type[BaseException]] = [ConfigError, DataError, HarnessError,
                                         KernelBackendUnavailable, MissingMandatoryValue]
-    try:
-        from atom_lab.models import ModelLoadError
-
-        types.append(ModelLoadError)
-    except ImportError:
-        pass
+    for module, name in (("atom_lab.models", "ModelLoadError"),
+                         ("atom_lab.kernel_ops", "KernelShapeError")):
+        try:
+            types.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
     return tuple(types)
 
 

@@ -107,6 +107,7 @@ class Plan:
     data_root: Path | None
     backend: str
     model_cfg: dict
+    kernel_strict: bool = True  # backend=kernel: unsupported shapes raise (false: stay fake-quant)
     data_files: dict[str, str] = field(default_factory=dict)
 
 
@@ -131,7 +132,8 @@ def plan_experiment(cfg: DictConfig) -> Plan:
         require_kernel_backend()
     data_root = resolve_data_root(cfg.data.root)
     plan = Plan(quant, calib, evals, device, dtype, data_root, backend,
-                OmegaConf.to_container(cfg.model, resolve=True))
+                OmegaConf.to_container(cfg.model, resolve=True),
+                kernel_strict=bool(cfg.backend.get("strict", True)))
     plan.data_files = check_data_files(plan)
     return plan
 
@@ -190,7 +192,8 @@ def load_and_quantize(plan: Plan, timer: Timer, progress: bool):
         from atom_lab.kernel_linear import convert_to_kernel_backend
 
         with timer("kernel_convert"):
-            convert_to_kernel_backend(model, plan.quant)
+            kernel = convert_to_kernel_backend(model, plan.quant, strict=plan.kernel_strict)
+        summary["kernel"] = {"converted": len(kernel["converted"]), "skipped": kernel["skipped"]}
     return model, tokenizer, summary
 
 

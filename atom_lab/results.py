@@ -86,7 +86,9 @@ def load_results(path: Path) -> dict:
 
 def find_results(sweep_dir: Path) -> list[Path]:
     """Every results.json under a run or sweep directory, in job order."""
-    return sorted(Path(sweep_dir).rglob(RESULTS_FILE), key=lambda p: _job_sort_key(p.parent.name))
+    root = Path(sweep_dir)
+    return sorted(root.rglob(RESULTS_FILE),
+                  key=lambda p: _job_sort_key(p.relative_to(root).parts[0]))
 
 
 def _job_sort_key(name: str):

@@ -27,6 +27,7 @@ def run_cli(*args, env=None, timeout=240):
     (["quant=rtn_w4a4", "quant.outliers=4000", *TINY], "quant.outliers=4000 is not allowed"),
     (["quant=fp16", "data.root=/nonexistent/atom", *TINY], "data.root='/nonexistent/atom'"),
     (["model=hf", "model.path=/nonexistent/llama", "quant=fp16"], "model.path='/nonexistent/llama'"),
+    (["backend=kernel", "quant=fp16", *TINY], "backend=kernel needs CuPy and an NVIDIA GPU"),
 ])
 def test_user_errors_are_one_line(args, expected):
     proc = run_cli(*args)

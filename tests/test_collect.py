@@ -48,3 +48,12 @@ def test_cli_errors(tmp_path, capsys):
     assert collect.main([str(tmp_path / "nope")]) == 2
     assert collect.main([str(tmp_path)]) == 2  # no results.json under it
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_job_order_with_nested_job_dirs(tmp_path):
+    # an override value holding '/' (e.g. a path) nests the job dir one level deeper
+    for num, quant in ((10, "c"), (2, "b"), (0, "a")):
+        write_results(tmp_path / f"{num}_model.path=models" / f"llama,quant={quant}",
+                      {"status": "ok", "overrides": [f"quant={quant}"], "metrics": {}})
+    _, rows = collect.collect_rows(tmp_path)
+    assert [r["quant"] for r in rows] == ["a", "b", "c"]
