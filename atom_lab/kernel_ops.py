@@ -42,7 +42,26 @@ GEMM_VARIANTS = {
     "skinny_m16n32": (16, 32, 32 * SKINNY_WARPS),
     "skinny_m32n16": (32, 16, 32 * SKINNY_WARPS),
     "skinny_m64n16": (64, 16, 32 * SKINNY_WARPS),
+    # round 2: fragment words streamed through a per-thread cp.async ring (depth 4, or 3)
+    "ring_m16n16": (16, 16, 32 * SKINNY_WARPS),
+    "ring3_m16n16": (16, 16, 32 * SKINNY_WARPS),
+    "ring_m16n32": (16, 32, 32 * SKINNY_WARPS),
+    "ring_m32n16": (32, 16, 32 * SKINNY_WARPS),
 }
+RING_DEPTH = {"ring_m16n16": 4, "ring3_m16n16": 3, "ring_m16n32": 4, "ring_m32n16": 4}
+
+# Quantize kernels: "row" (round 1) = one block a row, load then quantize; "ring" = persistent
+# blocks, each row staged by cp.async into one of two buffers while the previous one is quantized.
+# The suffix caps resident blocks a SM in the persistent grid (the default is the occupancy limit).
+QUANT_VARIANTS = {"row": None, "ring": 8, "ring_b4": 4, "ring_b2": 2, "ring_b1": 1}
+QUANT_RING_MAX_ROWS = 256  # "auto": ring up to here (10% faster), row above (0-12% faster)
+
+
+def choose_quant_variant(m: int) -> str:
+    """The quantize kernel for M rows (same-run timings in experiments/results/gemm_h100_round2.md)."""
+    return "ring" if m <= QUANT_RING_MAX_ROWS else "row"
+SMEM_PER_SM = 227 * 1024
+REGS_PER_SM = 65536
 
 
 class KernelShapeError(ValueError):
@@ -95,7 +114,7 @@ def check_gemm_operands(a: MixedQuantized, w: MixedQuantized) -> tuple[int, int,
 
 def choose_gemm_variant(m: int) -> str:
     """The GEMM kernel for M rows (thresholds from experiments/results/gemm_h100.md)."""
-    if m <= 16:
+    if m <= 16:  # round 2's ring_m16n16 measured 3-13% slower (gemm_h100_round2.md)
         return "skinny_m16n16"
     if m <= 64:
         return "skinny_m32n16"
@@ -227,7 +246,9 @@ def _mixed_out(out: MixedQuantized | None, m: int, kn: int, k: int, group_size: 
 
 
 def _quantize(kind: str, x, up, norm_weight, eps, k_outliers, bits, group_size, clip,
-              reorder_index, out: MixedQuantized | None) -> MixedQuantized:
+              reorder_index, out: MixedQuantized | None, variant: str = "auto") -> MixedQuantized:
+    if variant != "auto" and variant not in QUANT_VARIANTS:
+        raise ValueError(f"variant={variant!r}: allowed 'auto' or {sorted(QUANT_VARIANTS)}")
     require_kernel_backend()
     rows = _rows(x, "x")
     m, k_total = rows.shape
@@ -252,47 +273,73 @@ def _quantize(kind: str, x, up, norm_weight, eps, k_outliers, bits, group_size, 
     args = (_ptr(rows), _ptr(up), _ptr(norm_weight), np.float32(eps), _ptr(idx), np.int32(k_total),
             np.int32(k_outliers), np.float32(clip), np.int32(qmax), _ptr(out.normal),
             _ptr(out.normal_scales), _ptr(out.outlier), _ptr(out.outlier_scales))
-    _launch("quantize", f"{kind}_g{group_size}", (m,), (QUANT_THREADS,), args, 2 * k_total, rows.device)
+    name = f"{kind}_g{group_size}"
+    if variant == "auto":
+        variant = choose_quant_variant(m)
+    if variant == "row":
+        _launch("quantize", name, (m,), (QUANT_THREADS,), args, 2 * k_total, rows.device)
+        return out
+    smem = 2 * 2 * k_total * (2 if up is not None else 1)  # two buffers of the row (gate and up)
+    grid = min(m, _resident_blocks("quantize", f"{name}_ring", smem, QUANT_THREADS,
+                                   QUANT_VARIANTS[variant], rows.device))
+    _launch("quantize", f"{name}_ring", (grid,), (QUANT_THREADS,), args + (np.int32(m),), smem,
+            rows.device)
     return out
+
+
+def _resident_blocks(module: str, name: str, smem: int, threads: int, cap: int, device) -> int:
+    """Blocks of a persistent grid: SMs x the blocks a SM holds (registers, shared memory, cap)."""
+    kernel = _kernel(module, name, smem if smem > DEFAULT_SMEM // 2 else 0)
+    regs = max(getattr(kernel, "num_regs", 64), 1)
+    regs_per_block = ((regs + 7) // 8 * 8) * threads
+    per_sm = min(cap, REGS_PER_SM // regs_per_block, SMEM_PER_SM // max(smem + 1024, 1),
+                 2048 // threads)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(per_sm, 1) * torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def quantize_mixed(x: torch.Tensor, k_outliers: int, bits: int = 4, group_size: int = 128,
                    clip: float = 1.0, reorder_index: torch.Tensor | None = None,
-                   out: MixedQuantized | None = None) -> MixedQuantized:
+                   out: MixedQuantized | None = None, variant: str = "auto") -> MixedQuantized:
     """FP16 x [..., K] -> MixedQuantized of rows x.reshape(-1, K)[:, reorder_index].
 
     Bit-exact with formats.encode_mixed(x[..., reorder_index], k_outliers, bits, group_size, clip).
     reorder_index (output column c takes input column idx[c]) must be a permutation of 0..K-1.
     out: preallocated result tensors (written in place), e.g. poisoned by tests.
+    variant: "auto" or a QUANT_VARIANTS key (kernel organisation; all give the same bits).
     """
     return _quantize("quantize_mixed", x, None, None, 0.0, k_outliers, bits, group_size, clip,
-                     reorder_index, out)
+                     reorder_index, out, variant)
 
 
 def rmsnorm_quantize_mixed(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, k_outliers: int,
                            bits: int = 4, group_size: int = 128, clip: float = 1.0,
                            reorder_index: torch.Tensor | None = None,
-                           out: MixedQuantized | None = None) -> MixedQuantized:
+                           out: MixedQuantized | None = None, variant: str = "auto") -> MixedQuantized:
     """Fused LlamaRMSNorm (fp16 semantics: weight * (x * rsqrt(mean x^2 + eps)).half()) + reorder
     + quantize. norm_weight is in the input (un-reordered) channel order."""
     return _quantize("rmsnorm_quantize_mixed", x, None, norm_weight, eps, k_outliers, bits,
-                     group_size, clip, reorder_index, out)
+                     group_size, clip, reorder_index, out, variant)
 
 
 def silu_mul_quantize_mixed(gate: torch.Tensor, up: torch.Tensor, k_outliers: int, bits: int = 4,
                             group_size: int = 128, clip: float = 1.0,
                             reorder_index: torch.Tensor | None = None,
-                            out: MixedQuantized | None = None) -> MixedQuantized:
+                            out: MixedQuantized | None = None, variant: str = "auto") -> MixedQuantized:
     """Fused silu(gate).half() * up (fp16, as a Llama MLP computes it) + quantize."""
     return _quantize("silu_mul_quantize_mixed", gate, up, None, 0.0, k_outliers, bits, group_size,
-                     clip, reorder_index, out)
+                     clip, reorder_index, out, variant)
 
 
 # ------------------------------------------------------------------------------------------ GEMM
 
 
-def gemm_smem_bytes(variant: str, group_size: int) -> int:
-    bm, bn, _ = GEMM_VARIANTS[variant]
+def gemm_smem_bytes(variant: str, group_size: int, k_normal: int = 0) -> int:
+    bm, bn, threads = GEMM_VARIANTS[variant]
+    if variant in RING_DEPTH:  # ring [S][2*MT + NT][threads][G/8 bytes] + scales [groups][bm + bn]
+        loads = 2 * (bm // 16) + bn // 8
+        return (RING_DEPTH[variant] * loads * threads * group_size // 8
+                + 2 * (k_normal // group_size) * (bm + bn))
     if not variant.startswith("tc"):
         return 0  # static shared memory only
     groups_per_tile = 128 // group_size
@@ -332,7 +379,7 @@ def mixed_gemm(a: MixedQuantized, w: MixedQuantized, bias: torch.Tensor | None =
     args = tuple(_ptr(t) for t in tensors) + (_ptr(bias), _ptr(y), np.int32(m), np.int32(n),
                                               np.int32(kn), np.int32(k))
     _launch("w4a4_gemm", f"w4a4_gemm_{variant}_g{a.group_size}", grid, (threads,), args,
-            gemm_smem_bytes(variant, a.group_size), dev)
+            gemm_smem_bytes(variant, a.group_size, kn), dev)
     return y
 
 

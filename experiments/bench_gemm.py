@@ -93,6 +93,8 @@ QUANT_CASES = [  # (M, K, k, G, bits, clip, gather)
     (9, 1104, 16, 64, 3, 0.9, True),
     (300, 11008, 128, 128, 4, 0.9, True),
 ]
+# row = round 1; ring = persistent double-buffered; ring_b1 = one block a SM (many rows a block)
+CHECK_QUANT_VARIANTS = ("row", "ring", "ring_b1")
 GEMM_CASES = [  # (M, N, K, k, G, bias)
     (1, 256, 1024, 128, 128, False),
     (7, 384, 1152, 128, 64, True),
@@ -119,16 +121,17 @@ def check_quantize() -> bool:
             "rmsnorm": ko.rmsnorm_fp16_reference(x.cpu(), norm_w.cpu(), 1e-5)[:, col],
             "silu_mul": ko.silu_mul_fp16_reference(x.cpu(), up.cpu())[:, col],
         }
-        for kind, ref_in in refs.items():
+        for (kind, ref_in), variant in ((kr, v) for kr in refs.items() for v in CHECK_QUANT_VARIANTS):
             ref = encode_mixed(ref_in, k, bits, g, clip)
             for byte in (0x00, 0xFF):
                 out = poisoned_mixed(m, k_total - k, k, g, bits, byte)
                 if kind == "plain":
-                    ko.quantize_mixed(x, k, bits, g, clip, idx, out=out)
+                    ko.quantize_mixed(x, k, bits, g, clip, idx, out=out, variant=variant)
                 elif kind == "rmsnorm":
-                    ko.rmsnorm_quantize_mixed(x, norm_w, 1e-5, k, bits, g, clip, idx, out=out)
+                    ko.rmsnorm_quantize_mixed(x, norm_w, 1e-5, k, bits, g, clip, idx, out=out,
+                                              variant=variant)
                 else:
-                    ko.silu_mul_quantize_mixed(x, up, k, bits, g, clip, idx, out=out)
+                    ko.silu_mul_quantize_mixed(x, up, k, bits, g, clip, idx, out=out, variant=variant)
                 torch.cuda.synchronize()
                 agree = ko.mixed_agreement(out, ref)
                 exact = all(v == 1.0 for key, v in agree.items() if key.endswith("equal"))
@@ -137,7 +140,7 @@ def check_quantize() -> bool:
                 good = exact if kind == "plain" else close
                 ok &= good
                 if byte == 0xFF or not good:
-                    log(f"  {kind:8s} M={m:4d} K={k_total:5d} k={k:3d} G={g:3d} bits={bits} "
+                    log(f"  {kind:8s} {variant:7s} M={m:4d} K={k_total:5d} k={k:3d} G={g:3d} bits={bits} "
                         f"poison={byte:#04x}: {'PASS' if good else 'FAIL'} "
                         + " ".join(f"{key}={v:.6f}" if isinstance(v, float) else f"{key}={v}"
                                    for key, v in agree.items()))
@@ -243,7 +246,8 @@ def int_mm_padded(x8: torch.Tensor, w8t: torch.Tensor) -> torch.Tensor:
 
 
 def applicable_variants(m: int) -> list[str]:
-    return [v for v in ko.GEMM_VARIANTS if v.startswith("tc") or m <= 256]
+    return [v for v in ko.GEMM_VARIANTS
+            if v.startswith("tc") or (m <= 256 and v.startswith("skinny")) or m <= 64]
 
 
 def bench_shape(k_total: int, n: int, ceil: dict, rows: list, variant_rows: list) -> None:
@@ -266,8 +270,10 @@ def bench_shape(k_total: int, n: int, ceil: dict, rows: list, variant_rows: list
         sx = [int8_weight(x)[1][:, None] for x in xs]
         s8row = s8[None, :]
 
-        t_quant = timed([lambda x=x: ko.quantize_mixed(x, OUTLIERS, 4, GROUP, A_CLIP, idx)
-                         for x in xs])
+        t_qvar = {v: timed([lambda x=x, v=v: ko.quantize_mixed(x, OUTLIERS, 4, GROUP, A_CLIP, idx,
+                                                               variant=v) for x in xs])
+                  for v in ko.QUANT_VARIANTS}
+        t_quant = t_qvar[ko.choose_quant_variant(m)]
         t_var = {}
         for v in applicable_variants(m):
             t_var[v] = timed([lambda a=aqs[i % len(aqs)], w=wqs[i % len(wqs)], v=v:
@@ -305,10 +311,15 @@ def bench_shape(k_total: int, n: int, ceil: dict, rows: list, variant_rows: list
         for v, t in t_var.items():
             variant_rows.append({"K": k_total, "N": n, "M": m, "variant": v, "us": t,
                                  "tops": ops / t / 1e6, "chosen": int(v == auto)})
+        for v, t in t_qvar.items():  # quantize variants: "tops" column holds % of HBM here
+            variant_rows.append({"K": k_total, "N": n, "M": m, "variant": f"quant_{v}", "us": t,
+                                 "tops": 100 * quant_bytes / (t * 1e3) / ceil["hbm_gbps"],
+                                 "chosen": int(v == ko.choose_quant_variant(m))})
         log(f"K={k_total:5d} N={n:5d} M={m:4d} quant {t_quant:7.1f}us ({row['quant_hbm_pct']:4.0f}% hbm)"
             f" gemm[{auto}] {t_gemm:7.1f}us ({row['gemm_tops']:6.0f} TOPS) both {t_both:7.1f}"
             f" | fp16 {t_f16:7.1f} int_mm {t_int:7.1f} w8a8 {t_w8a8:7.1f} floor {floor_us:6.1f}"
-            f" | variants " + " ".join(f"{v}={t:.1f}" for v, t in t_var.items()))
+            f" | variants " + " ".join(f"{v}={t:.1f}" for v, t in t_var.items())
+            + " | quant " + " ".join(f"{v}={t:.1f}" for v, t in t_qvar.items()))
 
 
 # ------------------------------------------------------------------------------ ncu target
@@ -316,16 +327,17 @@ def bench_shape(k_total: int, n: int, ceil: dict, rows: list, variant_rows: list
 
 def profile_target() -> None:
     """A few launches of each kernel at one size, for `ncu -k regex:... python3 bench_gemm.py
-    --profile-target` (stall reasons, pipe utilization, achieved bandwidth)."""
+    --profile-target` (stall reasons, occupancy, achieved bandwidth): the skinny GEMM of rounds 1
+    and 2 at M = 16, and the quantize kernels of rounds 1 and 2 at M = 4096 (K = N = 4096)."""
     k_total, n = 4096, 4096
     w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.02).half(), OUTLIERS, 4, GROUP, 0.85)
     idx = torch.randperm(k_total, device="cuda").int()
-    for m, variants in ((4096, ("tc_m128", "tc1_m128")), (16, ("skinny_m16n16",))):
-        x = activations(m, k_total)
-        a = ko.quantize_mixed(x, OUTLIERS, 4, GROUP, A_CLIP, idx)
-        for v in variants:
-            for _ in range(2):
-                ko.mixed_gemm(a, w, variant=v)
+    a = ko.quantize_mixed(activations(16, k_total), OUTLIERS, 4, GROUP, A_CLIP, idx)
+    for v in ("skinny_m16n16", "ring_m16n16"):
+        ko.mixed_gemm(a, w, variant=v)
+    x = activations(4096, k_total)
+    for v in ("row", "ring"):
+        ko.quantize_mixed(x, OUTLIERS, 4, GROUP, A_CLIP, idx, variant=v)
     torch.cuda.synchronize()
 
 

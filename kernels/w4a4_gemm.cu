@@ -523,6 +523,189 @@ __device__ void gemm_skinny(GEMM_ARGS) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Skinny "ring" kernel (round 2): the skinny kernel's fragment assignment, but each thread streams
+// its own fragment words through an S-deep cp.async ring in shared memory, so S groups a warp are in
+// flight without holding registers (round 1 kept one group ahead in registers and was a chain of
+// dependent memory round trips). A thread reads back only the bytes it copied itself, so the ring
+// needs no barrier. The tile's group scales go to shared memory once, while the ring fills; the
+// warp's outlier chunk is fetched into registers before the group loop.
+// Shared memory: ring [S][LOADS][256 threads][VEC bytes], then scales [ng][TM + TN] fp16.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ void cp_async_bytes(unsigned dst, const void* src, bool valid, int bytes) {
+    if (bytes == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                     "r"(valid ? 16 : 0));
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src),
+                     "r"(valid ? 8 : 0));
+}
+
+template <int WORDS>
+__device__ __forceinline__ void ring_words(const unsigned char* p, unsigned (&w)[WORDS]) {
+    if constexpr (WORDS == 4) {
+        const uint4 v = *reinterpret_cast<const uint4*>(p);
+        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+    } else {
+        const uint2 v = *reinterpret_cast<const uint2*>(p);
+        w[0] = v.x; w[1] = v.y;
+    }
+}
+
+template <int MT, int NT, int G, int S>
+__device__ void gemm_skinny_ring(GEMM_ARGS) {
+    constexpr int WORDS = G / 32, VEC = WORDS * 4, LOADS = 2 * MT + NT;
+    constexpr int TM = 16 * MT, TN = 8 * NT, THREADS = SK_WARPS * 32;
+    extern __shared__ __align__(128) unsigned char smem[];
+    __half* sS = reinterpret_cast<__half*>(smem + S * LOADS * THREADS * VEC);  // [ng][TM + TN]
+    float* red = reinterpret_cast<float*>(smem);  // [SK_WARPS][TM][TN], after the ring is drained
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, r = lane >> 2, t = lane & 3;
+    const int m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
+    const int kb = Kn / 2, ng = Kn / G;
+
+    // Ring slot of (stage, load j): this thread's VEC bytes.
+    auto slot = [&](int stage, int j) { return smem + ((stage * LOADS + j) * THREADS + tid) * VEC; };
+    auto issue = [&](int gi, int stage) {  // group gi's fragment words into the ring
+        if (gi < ng) {
+            const int off = gi * (G / 2) + t * VEC;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const long long m = m0 + mt * 16 + r + 8 * h;
+                    cp_async_bytes(smem_addr(slot(stage, 2 * mt + h)),
+                                   a_codes + (m < M ? m : 0) * kb + off, m < M, VEC);
+                }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const long long n = n0 + nt * 8 + r;
+                cp_async_bytes(smem_addr(slot(stage, 2 * MT + nt)),
+                               w_codes + (n < N ? n : 0) * kb + off, n < N, VEC);
+            }
+        }
+        cp_async_commit();  // one group per stage, empty or not: wait_group counts stay uniform
+    };
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) issue(warp + s * SK_WARPS, s);
+
+    // The warp's outlier chunk (k <= 256 = 8 chunks: at most one a warp), fetched early.
+    const int chunks = (k + 31) / 32;
+    const bool has_outliers = warp < chunks;
+    unsigned aw[MT][2][2], bw[NT][2];
+    {
+        const int off = warp * 32 + t * 8;
+        const bool in_k = has_outliers && off < k;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const long long m = m0 + mt * 16 + r + 8 * h;
+                load_words<2>(reinterpret_cast<const unsigned char*>(a_out) + m * k + off,
+                              in_k && m < M, aw[mt][h]);
+            }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const long long n = n0 + nt * 8 + r;
+            load_words<2>(reinterpret_cast<const unsigned char*>(w_out) + n * k + off,
+                          in_k && n < N, bw[nt]);
+        }
+    }
+    // Group scales of the tile, transposed to [group][row]: rows 0..TM-1 activations, then weights.
+    for (int i = tid; i < (TM + TN) * ng; i += THREADS) {
+        const int row = i / ng, gi = i - row * ng;
+        __half v = __float2half_rn(0.f);
+        if (row < TM) {
+            if (m0 + row < M) v = a_scales[(long long)(m0 + row) * ng + gi];
+        } else if (n0 + row - TM < N) {
+            v = w_scales[(long long)(n0 + row - TM) * ng + gi];
+        }
+        sS[gi * (TM + TN) + row] = v;
+    }
+    __syncthreads();
+
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+
+    SkinnyGroup<MT, NT, G> f;
+#pragma unroll 1
+    for (int j = 0, gi = warp; gi < ng; ++j, gi += SK_WARPS) {
+        issue(gi + (S - 1) * SK_WARPS, (j + S - 1) % S);
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(S - 1));
+        const int stage = j % S;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                ring_words<WORDS>(slot(stage, 2 * mt + h), f.a[mt][h]);
+                f.sa[mt][h] = __half2float(sS[gi * (TM + TN) + mt * 16 + r + 8 * h]);
+            }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            ring_words<WORDS>(slot(stage, 2 * MT + nt), f.b[nt]);
+            const __half2 sw = *reinterpret_cast<const __half2*>(sS + gi * (TM + TN) + TM + nt * 8 + 2 * t);
+            f.sw[nt][0] = __low2float(sw);
+            f.sw[nt][1] = __high2float(sw);
+        }
+        skinny_group<MT, NT, G>(f, acc);
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][nt][e] *= 1.f / 256.f;
+
+    if (has_outliers) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                int o[4] = {0, 0, 0, 0};
+                mma_s8(o, aw[mt][0][0], aw[mt][1][0], aw[mt][0][1], aw[mt][1][1], bw[nt][0], bw[nt][1]);
+                const int n = n0 + nt * 8 + 2 * t;
+                const float sw0 = n < N ? __half2float(w_oscale[n]) : 0.f;
+                const float sw1 = n < N ? __half2float(w_oscale[n + 1]) : 0.f;
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const long long m = m0 + mt * 16 + r + 8 * h;
+                    const float soa = m < M ? __half2float(a_oscale[m]) : 0.f;
+                    acc[mt][nt][2 * h] = fmaf((float)o[2 * h], soa * sw0, acc[mt][nt][2 * h]);
+                    acc[mt][nt][2 * h + 1] = fmaf((float)o[2 * h + 1], soa * sw1, acc[mt][nt][2 * h + 1]);
+                }
+            }
+    }
+
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();  // every warp is done with the ring: reuse it for the cross-warp sum
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+                *reinterpret_cast<float2*>(&red[(warp * TM + mt * 16 + r + 8 * h) * TN + nt * 8 + 2 * t]) =
+                    make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
+    __syncthreads();
+    for (int e = tid * 2; e < TM * TN; e += THREADS * 2) {
+        const int row = e / TN, col = e % TN;
+        const long long m = m0 + row;
+        const int n = n0 + col;
+        if (m >= M || n >= N) continue;
+        float v0 = 0.f, v1 = 0.f;
+#pragma unroll
+        for (int w = 0; w < SK_WARPS; ++w) {
+            v0 += red[(w * TM + row) * TN + col];
+            v1 += red[(w * TM + row) * TN + col + 1];
+        }
+        store_pair(y, bias, m, n, N, v0, v1);
+    }
+}
+
 #define DEFINE_TC(NAME, WARPS_M, G, V2)                                                 \
     extern "C" __global__ void __launch_bounds__(128 * WARPS_M, 1) NAME(GEMM_ARGS) {    \
         gemm_tc<WARPS_M, G, V2>(GEMM_PASS);                                             \
@@ -547,3 +730,16 @@ DEFINE_SKINNY(w4a4_gemm_skinny_m32n16_g128, 2, 2, 128)
 DEFINE_SKINNY(w4a4_gemm_skinny_m32n16_g64, 2, 2, 64)
 DEFINE_SKINNY(w4a4_gemm_skinny_m64n16_g128, 4, 2, 128)
 DEFINE_SKINNY(w4a4_gemm_skinny_m64n16_g64, 4, 2, 64)
+#define DEFINE_RING(NAME, MT, NT, G, S)                                                  \
+    extern "C" __global__ void __launch_bounds__(SK_WARPS * 32) NAME(GEMM_ARGS) {       \
+        gemm_skinny_ring<MT, NT, G, S>(GEMM_PASS);                                       \
+    }
+// (name, m16 tiles, n8 tiles, G, ring depth)
+DEFINE_RING(w4a4_gemm_ring_m16n16_g128, 1, 2, 128, 4)
+DEFINE_RING(w4a4_gemm_ring_m16n16_g64, 1, 2, 64, 4)
+DEFINE_RING(w4a4_gemm_ring3_m16n16_g128, 1, 2, 128, 3)
+DEFINE_RING(w4a4_gemm_ring3_m16n16_g64, 1, 2, 64, 3)
+DEFINE_RING(w4a4_gemm_ring_m16n32_g128, 1, 4, 128, 4)
+DEFINE_RING(w4a4_gemm_ring_m16n32_g64, 1, 4, 64, 4)
+DEFINE_RING(w4a4_gemm_ring_m32n16_g128, 2, 2, 128, 4)
+DEFINE_RING(w4a4_gemm_ring_m32n16_g64, 2, 2, 64, 4)

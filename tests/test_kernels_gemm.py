@@ -68,9 +68,34 @@ def test_gemm_operand_check_rejects_mismatched_operands():
     assert ko.check_gemm_operands(a, w) == (3, 8, 1024, 128)
 
 
+def test_fp16_quotients_need_one_residual_step():
+    """The ring quantize kernels divide with RN(1/s), q = x*r and ONE exact-residual correction; this
+    equals IEEE x / s for every pair of fp16 significands (x, s both fp16) over the quotient range
+    the codes use. A plain x * RN(1/s) does not: it flips rint at exact halves (e.g. 7.5 / 3)."""
+    sig = torch.arange(1024, 2048, dtype=torch.float64)
+    b = sig[None, :].float()
+    r = 1.0 / b
+    bad_plain = 0
+    for shift in range(-14, 9):
+        a = (sig[:, None] * 2.0**shift).float()
+        exact = a / b
+        q0 = a * r
+        res = (a.double() - b.double() * q0.double()).float()  # FMA: exact residual, one rounding
+        q1 = (q0.double() + res.double() * r.double()).float()
+        assert torch.equal(q1, exact), f"one-step quotient differs at 2^{shift}"
+        bad_plain += int((torch.round(q0) != torch.round(exact)).sum())
+    assert bad_plain > 0
+
+
 def test_dispatch_covers_every_m():
     for m in range(1, 8193):
         assert ko.choose_gemm_variant(m) in ko.GEMM_VARIANTS
+        assert ko.choose_quant_variant(m) in ko.QUANT_VARIANTS
+
+
+def test_quantize_refuses_an_unknown_variant():
+    with pytest.raises(ValueError, match="variant='warp'"):
+        ko.quantize_mixed(torch.randn(2, 1024).half(), 128, variant="warp")
 
 
 @pytest.mark.skipif(kernel_backend_available(), reason="checks the no-GPU error")
@@ -96,34 +121,37 @@ def test_fp16_producer_references_round_like_an_fp16_model():
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", sorted(ko.QUANT_VARIANTS))
 @pytest.mark.parametrize("m,k_total,k,group,bits,clip,gather", [
     (1, 1024, 128, 128, 4, 0.9, True),
     (37, 4096, 128, 128, 4, 0.9, True),
     (16, 1152, 0, 64, 4, 1.0, True),
     (5, 2304, 256, 128, 4, 0.85, False),
     (9, 1104, 16, 64, 3, 0.9, True),
+    (700, 2176, 128, 128, 4, 0.9, True),  # more rows than one-block-a-SM grids: rows a block > 1
 ])
-def test_quantize_kernel_is_bit_exact(m, k_total, k, group, bits, clip, gather):
+def test_quantize_kernel_is_bit_exact(variant, m, k_total, k, group, bits, clip, gather):
     x = _acts(m, k_total)
     idx = torch.randperm(k_total, device="cuda") if gather else None
     ref_in = x.cpu()[:, idx.cpu()] if gather else x.cpu()
     ref = encode_mixed(ref_in, k, bits, group, clip)
     for byte in (0x00, 0xFF):  # two poisons: an unwritten byte cannot match both
         out = _poisoned(m, k_total - k, k, group, bits, byte)
-        ko.quantize_mixed(x, k, bits, group, clip, idx, out=out)
+        ko.quantize_mixed(x, k, bits, group, clip, idx, out=out, variant=variant)
         agree = ko.mixed_agreement(out, ref)
         assert all(v == 1.0 for key, v in agree.items() if key.endswith("equal")), agree
 
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["row", "ring", "ring_b1"])
 @pytest.mark.parametrize("kind", ["rmsnorm", "silu_mul"])
 @pytest.mark.parametrize("group", [64, 128])
-def test_fused_quantize_kernels_match_the_fp16_producer(kind, group):
+def test_fused_quantize_kernels_match_the_fp16_producer(kind, group, variant):
     # The fused producer computes in fp32 and rounds to fp16 like PyTorch, but its sum of squares
     # (RMSNorm) or exp (SiLU) may differ from the CPU in the last fp32 bit; a value on an fp16
     # rounding boundary then moves by one fp16 ulp, which can move one code by 1 (or a scale).
-    m, k_total, k = 33, 4096, 128
+    m, k_total, k = 333, 4096, 128  # > 132 rows: ring_b1 blocks take several rows
     x, up = _acts(m, k_total), _acts(m, k_total)
     norm_w = (torch.rand(k_total, device="cuda") + 0.5).half()
     idx = torch.randperm(k_total, device="cuda")
@@ -134,9 +162,9 @@ def test_fused_quantize_kernels_match_the_fp16_producer(kind, group):
     ref = encode_mixed(ref_in[:, idx.cpu()], k, 4, group, 0.9)
     out = _poisoned(m, k_total - k, k, group, 4, 0xFF)
     if kind == "rmsnorm":
-        ko.rmsnorm_quantize_mixed(x, norm_w, 1e-5, k, 4, group, 0.9, idx, out=out)
+        ko.rmsnorm_quantize_mixed(x, norm_w, 1e-5, k, 4, group, 0.9, idx, out=out, variant=variant)
     else:
-        ko.silu_mul_quantize_mixed(x, up, k, 4, group, 0.9, idx, out=out)
+        ko.silu_mul_quantize_mixed(x, up, k, 4, group, 0.9, idx, out=out, variant=variant)
     agree = ko.mixed_agreement(out, ref)
     assert agree["codes_equal"] >= 0.999 and agree["outliers_equal"] >= 0.999, agree
     assert agree["scales_equal"] >= 0.99 and agree["max_code_diff"] <= 1, agree
