@@ -88,7 +88,7 @@ def test_results_json_of_a_tiny_run(tmp_path, data_root):
     assert {"python", "torch", "transformers", "lm_eval"} <= set(saved["versions"])
     assert saved["device"]["type"] == "cpu"
     assert saved["git_sha"] is None or len(saved["git_sha"]) >= 40
-    wiki = str(data_root / "wikitext2" / "wiki.test.raw")
+    wiki = str((data_root / "wikitext2" / "wiki.test.raw").resolve())
     assert len(saved["data_files"][wiki]) == 64
 
 
