@@ -117,6 +117,10 @@ class QuantConfig:
 
     def validate_for_model(self, hidden: int, intermediate: int, head_dim: int) -> "QuantConfig":
         """Checks that need the model's dimensions; called before any weight is touched."""
+        if self.kv_group_size > 0 and head_dim % self.kv_group_size:
+            raise _bad("kv_group_size", self.kv_group_size, f"a divisor of head_dim={head_dim}")
+        if not (self.quantizes_weights or self.quantizes_activations):
+            return self  # outliers and groups only shape the linears' quantizers
         smallest = min(hidden, intermediate)
         if self.outliers >= smallest:
             raise _bad("outliers", self.outliers,
@@ -130,8 +134,6 @@ class QuantConfig:
             raise _bad("group_size", self.group_size,
                        f"at most {smallest - self.outliers} (the normal channels of the smallest "
                        f"linear input), or 0 for per-channel")
-        if self.kv_group_size > 0 and head_dim % self.kv_group_size:
-            raise _bad("kv_group_size", self.kv_group_size, f"a divisor of head_dim={head_dim}")
         return self
 
 

@@ -10,6 +10,7 @@
   device     torch device string
   n_layers   optional decoder layer count override (random models only)
   shape      random models only: tiny | llama7b
+  hidden_size, intermediate_size, num_attention_heads, num_key_value_heads   tiny only
 and returns (model, tokenizer) in eval mode. Keys given in the config win over the `device` and
 `dtype` arguments. llama7b_random returns tokenizer None (speed benchmarks feed random ids).
 """
@@ -34,6 +35,7 @@ PRESETS = {
 }
 SOURCES = ("gguf", "hf", "random")
 RANDOM_SHAPES = ("tiny", "llama7b")
+TINY_SIZE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -207,6 +209,9 @@ def _load_random(cfg, device, dtype):
         overrides = {"vocab_size": len(tokenizer)}
         if cfg.get("n_layers"):
             overrides["num_hidden_layers"] = int(cfg["n_layers"])
+        for key in TINY_SIZE_KEYS:
+            if cfg.get(key):
+                overrides[key] = int(cfg[key])
         return tiny_random_llama(seed, **overrides).to(dtype), tokenizer
     return llama7b_random(device, dtype, n_layers=cfg.get("n_layers"), seed=seed), None
 
