@@ -47,15 +47,25 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def load_hub_dataset(*args, **kwargs):
+    """datasets.load_dataset, with an unreachable hub turned into a one-line DataError."""
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(*args, **kwargs)
+    except Exception as exc:  # ConnectionError, LocalEntryNotFoundError, DatasetNotFoundError, ...
+        raise DataError(f"no data root is set and the Hugging Face dataset {args[0]!r} could not be "
+                        f"loaded ({exc.__class__.__name__}); point data.root (or ${DATA_ENV}) at "
+                        f"the offline data folder, e.g. data.root=../shared/data") from exc
+
+
 def wikitext2_rows(split: str, root: str | os.PathLike | None = None) -> list[str]:
     """The split's dataset rows (each ending in a newline, as the HF `text` rows)."""
     if split not in WIKITEXT2_FILES:
         raise ValueError(f"wikitext2 split {split!r}: allowed {sorted(WIKITEXT2_FILES)}")
     path_root = resolve_data_root(root)
     if path_root is None:
-        from datasets import load_dataset
-
-        return list(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+        return list(load_hub_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
     text = data_file(path_root, WIKITEXT2_FILES[split]).read_text(encoding="utf-8")
     return text.splitlines(keepends=True)
 

@@ -122,3 +122,17 @@ def test_wikitext2_test_text_is_the_gptq_join(data_root):
     raw = (data_root / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")
     assert text == "\n\n".join(raw.splitlines(keepends=True))
     assert ppl_mod.local_files("wikitext2", data_root, "test")[0].name == "wiki.test.raw"
+
+
+def test_unreachable_hub_without_data_root_is_a_one_line_data_error(monkeypatch):
+    import datasets
+
+    from atom_lab.data import DataError, wikitext2_rows
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'wikitext' on the Hub")
+
+    monkeypatch.delenv("ATOM_LAB_DATA", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"data\.root.*ATOM_LAB_DATA"):
+        wikitext2_rows("test", None)

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from atom_lab.data import (WIKITEXT2_FILES, DataError, data_file, file_sha256, resolve_data_root,
-                           tokenize_text, wikitext2_text)
+from atom_lab.data import (WIKITEXT2_FILES, DataError, data_file, file_sha256, load_hub_dataset,
+                           resolve_data_root, tokenize_text, wikitext2_text)
 from atom_lab.errors import HarnessError
 
 PPL_DATASETS = ("wikitext2", "ptb", "c4")
@@ -33,9 +33,7 @@ def ptb_file(root: Path, split: str) -> Path:
 
 def ptb_text(split: str, root: Path | None) -> str:
     if root is None:
-        from datasets import load_dataset
-
-        rows = load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"]
+        rows = load_hub_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"]
     else:
         path, = local_files("ptb", root, split)
         rows = path.read_text(encoding="utf-8").splitlines()
@@ -57,10 +55,8 @@ def _read_c4_documents(path: Path, limit: int) -> list[str]:
 
 def c4_text(root: Path | None) -> str:
     if root is None:
-        from datasets import load_dataset
-
         shard = "en/c4-validation.00000-of-00008.json.gz"
-        rows = load_dataset("allenai/c4", data_files={"validation": shard}, split="validation")
+        rows = load_hub_dataset("allenai/c4", data_files={"validation": shard}, split="validation")
         documents = rows[:C4_DOCUMENTS]["text"]
     else:
         path, = local_files("c4", root)
