@@ -74,3 +74,22 @@ def load_module(name: str, options: tuple[str, ...] = ()):
 
 def get_kernel(module: str, function: str, options: tuple[str, ...] = ()):
     return load_module(module, options).get_function(function)
+
+
+@functools.lru_cache(maxsize=16)
+def _external_stream(ptr: int, device: int):
+    import warnings
+
+    import cupy
+
+    with warnings.catch_warnings():  # newer CuPy prefers Stream.from_external; same object
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(ptr, device)
+
+
+def torch_current_stream(device_index: int | None = None):
+    """torch's current CUDA stream of a device as a CuPy stream, so kernels order with torch ops."""
+    import torch
+
+    index = torch.cuda.current_device() if device_index is None else device_index
+    return _external_stream(torch.cuda.current_stream(index).cuda_stream, index)

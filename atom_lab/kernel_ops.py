@@ -20,7 +20,7 @@ import functools
 import numpy as np
 import torch
 
-from atom_lab.cuda import get_kernel, require_kernel_backend
+from atom_lab.cuda import get_kernel, require_kernel_backend, torch_current_stream
 from atom_lab.formats import MixedQuantized
 
 SUPPORTED_GROUPS = (64, 128)
@@ -180,19 +180,12 @@ def _kernel(module: str, name: str, smem: int):
     return kernel
 
 
-@functools.lru_cache(maxsize=16)
-def _cupy_stream(ptr: int, device: int):
-    import cupy
-
-    return cupy.cuda.ExternalStream(ptr, device)
-
-
 def _launch(module: str, name: str, grid, block, args, smem: int, device: torch.device) -> None:
     import cupy
 
     kernel = _kernel(module, name, smem if smem > DEFAULT_SMEM // 2 else 0)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _cupy_stream(torch.cuda.current_stream(index).cuda_stream, index)
+    stream = torch_current_stream(index)
     with cupy.cuda.Device(index), stream:
         kernel(grid, block, args, shared_mem=smem)
 

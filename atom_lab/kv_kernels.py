@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from atom_lab.cuda import get_kernel, require_kernel_backend
+from atom_lab.cuda import get_kernel, require_kernel_backend, torch_current_stream
 from atom_lab.formats import KVQuantized, decode_kv, encode_kv, kv_bytes_per_token
 
 HEAD_DIMS = (64, 128)
@@ -132,17 +131,8 @@ def _ptr(t: torch.Tensor):
     return np.uint64(t.data_ptr())
 
 
-@functools.lru_cache(maxsize=None)
-def _external_stream(ptr: int):
-    import cupy
-
-    with warnings.catch_warnings():  # newer CuPy prefers Stream.from_external; same object
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return cupy.cuda.ExternalStream(ptr)
-
-
 def _launch(kernel, grid, block, args, smem: int = 0) -> None:
-    stream = _external_stream(torch.cuda.current_stream().cuda_stream)
+    stream = torch_current_stream()
     with stream:
         kernel(grid, block, args, shared_mem=smem)
 

@@ -1,10 +1,7 @@
 """experiments/collect.py: one row per results.json, override keys as columns, then metrics."""
 import csv
 import importlib.util
-import json
 from pathlib import Path
-
-import pytest
 
 from atom_lab.results import write_results
 

@@ -68,7 +68,7 @@ def test_mixed_gemm_error_bounded_by_quantization_steps():
     K, k, G = 256, 32, 32
     x, wt = _rand((16, K), 3), _rand((24, K), 4)
     a, w = encode_mixed(x, k, 4, G), encode_mixed(wt, k, 4, G)
-    xa, ww = decode_mixed(a, torch.float64), decode_mixed(w, torch.float64)
+    xa = decode_mixed(a, torch.float64)
 
     def steps(q):
         normal = expand_groups(q.normal_scales.double(), K - k, G)

@@ -1,6 +1,5 @@
 """Offline lm-eval zero-shot: task YAML generation, data conversion, the in-memory LM's scoring."""
 import bz2
-import json
 
 import pytest
 import torch
