@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -87,7 +89,8 @@ def collect_input_stats(model, windows: torch.Tensor, device=None, progress: boo
                         cache_key: str | None = None, cache_dir=None, batch_size: int = 4) -> Stats:
     """stats[layer][input][metric] over all tokens of `windows` [N, L] (one forward per batch).
 
-    With a cache_key, results are loaded from / saved to `cache_dir` (default ~/.cache/atom_lab/calib).
+    Runs on `device` (default: the model's; the model is moved there and back). With a
+    cache_key, results are loaded from / saved to `cache_dir` (default ~/.cache/atom_lab/calib).
     """
     if windows.dim() != 2:
         raise ValueError(f"windows must be a [N, L] token tensor, got shape {tuple(windows.shape)}")
@@ -96,17 +99,23 @@ def collect_input_stats(model, windows: torch.Tensor, device=None, progress: boo
     path = _cache_file(cache_key, windows, model, cache_dir) if cache_key else None
     if path is not None and path.is_file():
         return torch.load(path, weights_only=True)
-    stats = _collect(model, windows, device, progress, batch_size)
+    home = next(model.parameters()).device
+    target = torch.device(device) if device is not None else home
+    model.to(target)  # statistics are gathered on `device`; the model goes back afterwards
+    try:
+        stats = _collect(model, windows, progress, batch_size)
+    finally:
+        model.to(home)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")  # one per writer: sweeps
+        os.close(fd)
         torch.save(stats, tmp)
-        tmp.replace(path)  # atomic: a concurrent reader never sees a half-written file
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees a half-written file
     return stats
 
 
-def _collect(model, windows, device, progress, batch_size) -> Stats:
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+def _collect(model, windows, progress, batch_size) -> Stats:
     accumulators: dict[int, dict[str, _ChannelStats]] = {}
     handles = []
     for i, layer in enumerate(decoder_layers(model)):
@@ -116,6 +125,7 @@ def _collect(model, windows, device, progress, batch_size) -> Stats:
             hook = _make_hook(acc)
             handles.append(layer.get_submodule(linears[0]).register_forward_pre_hook(hook))
     body = getattr(model, "model", model)  # the decoder without lm_head: no [N, L, vocab] logits
+    device = body.get_input_embeddings().weight.device  # token ids go where the model is
     try:
         with torch.inference_mode():
             for start in tqdm(range(0, windows.shape[0], batch_size), disable=not progress,

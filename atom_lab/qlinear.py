@@ -113,12 +113,13 @@ class ActQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cache = self._cache
-        if cache is not None and cache[0] is x and cache[1] == x._version:
+        version = None if x.is_inference() else x._version  # inference tensors have no counter
+        if cache is not None and cache[0] is x and cache[1] == version:
             uses_left = cache[3] - 1
-            self._cache = (x, x._version, cache[2], uses_left) if uses_left > 0 else None
+            self._cache = (x, version, cache[2], uses_left) if uses_left > 0 else None
             return cache[2]
         y = self.quantize(x)
-        self._cache = (x, x._version, y, self.consumers - 1) if self.consumers > 1 else None
+        self._cache = (x, version, y, self.consumers - 1) if self.consumers > 1 else None
         return y
 
 

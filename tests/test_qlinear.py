@@ -111,6 +111,17 @@ def test_shared_quantizer_runs_once_per_input():
     assert len(calls) == 1 + 3 + 2  # (+3 for the reference calls above)
 
 
+def test_shared_quantizer_works_under_inference_mode():
+    """Inference tensors carry no version counter; the shared-input cache must not need one."""
+    quant = ActQuantizer(bits=4, group_size=16)
+    layers = [QuantLinear(_rand((8, 64), i), None, quant) for i in range(2)]  # gate, up
+    with torch.inference_mode():
+        x = _rand((5, 64)).clone()
+        outs = [layer(x) for layer in layers]
+    for layer, out in zip(layers, outs):
+        assert torch.equal(out, nn.functional.linear(quant.quantize(x), layer.weight))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_quant_linear_dtypes(dtype):
     lin = nn.Linear(64, 32).to(dtype)
