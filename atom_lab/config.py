@@ -76,7 +76,7 @@ class QuantConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown quant key(s) {unknown}; allowed keys: {sorted(known)}")
-        cfg = cls(**dict(d))
+        cfg = cls(**{k: _typed(cls, k, v) for k, v in dict(d).items()})
         cfg.outlier_bits = normalize_outlier_bits(cfg.outlier_bits)
         cfg.validate()
         return cfg
@@ -135,6 +135,21 @@ class QuantConfig:
                        f"at most {smallest - self.outliers} (the normal channels of the smallest "
                        f"linear input), or 0 for per-channel")
         return self
+
+
+def _typed(cls, key: str, value):
+    """A value of the field's declared type (int, float or bool), else a ConfigError naming it."""
+    kind = {f.name: f.type for f in dataclasses.fields(cls)}[key]
+    kind = kind if isinstance(kind, str) else getattr(kind, "__name__", "")
+    if value is None or kind not in ("int", "float", "bool"):
+        return value
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if kind == "float" or float(value).is_integer():
+            return type(1 if kind == "int" else 1.0)(value)
+    raise ConfigError(f"quant.{key}={value!r} is not allowed: expected {kind}")
 
 
 def normalize_outlier_bits(value) -> str:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from atom_lab.config import ConfigError
+
 DATA_ENV = "ATOM_LAB_DATA"
 
 WIKITEXT2_FILES = {"test": "wikitext2/wiki.test.raw", "validation": "wikitext2/wiki.valid.raw"}
@@ -84,7 +86,8 @@ def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: 
     """`nsamples` random windows of `seqlen` tokens from a [1, n] token stream -> [nsamples, seqlen]."""
     n = tokens.shape[-1]
     if n <= seqlen:
-        raise ValueError(f"calibration text has {n} tokens, fewer than calib.seqlen={seqlen}")
+        raise ConfigError(f"calib.seqlen={seqlen} is not allowed: the calibration text has only {n} "
+                          f"tokens; lower calib.seqlen")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, n - seqlen, (nsamples,), generator=gen)
     return torch.stack([tokens[0, s : s + seqlen] for s in starts.tolist()])

@@ -38,3 +38,19 @@ def test_bad_values_name_the_key_and_the_allowed_values(key, value):
 def test_unknown_key_lists_the_allowed_ones():
     with pytest.raises(ConfigError, match=r"unknown quant key.*group_sise.*allowed keys"):
         QuantConfig.from_dict(dict(group_sise=64))
+
+
+@pytest.mark.parametrize("key,value", [("w_bits", "four"), ("a_clip", "x"), ("dynamic", "yes"),
+                                       ("group_size", 64.5)])
+def test_values_of_the_wrong_type_are_config_errors(key, value):
+    with pytest.raises(ConfigError, match=rf"quant\.{key}=.*expected"):
+        QuantConfig.from_dict({key: value})
+
+
+def test_calibration_window_longer_than_the_text_names_calib_seqlen():
+    import torch
+
+    from atom_lab.data import calibration_windows
+
+    with pytest.raises(ConfigError, match=r"calib\.seqlen=100.*lower calib\.seqlen"):
+        calibration_windows(torch.arange(50)[None], nsamples=2, seqlen=100, seed=0)
