@@ -256,10 +256,11 @@ def run_experiment(cfg: DictConfig, output_dir: Path, overrides: list[str], resu
     torch.manual_seed(int(cfg.get("seed", 0)))
     with timer("total"):
         plan = plan_experiment(cfg)
-        results["device"] = device_info(plan.device)
+        results["device"] = dict(device_info(plan.device), device=str(plan.device))
         results["data_files"] = plan.data_files
         model, tokenizer, summary = load_and_quantize(plan, timer, progress)
         results["quant_summary"] = summary
+        results["device"]["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
         metrics, details = evaluate(model, tokenizer, plan, timer, progress, output_dir)
     results["metrics"] = metrics
     results["details"] = details

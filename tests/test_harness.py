@@ -86,7 +86,7 @@ def test_results_json_of_a_tiny_run(tmp_path, data_root):
         __import__("math").log(saved["metrics"]["ppl/wikitext2"])), "tokens": 128, "windows": 2}
     assert {"load_model", "quantize", "ppl/wikitext2", "total"} <= set(saved["timings"])
     assert {"python", "torch", "transformers", "lm_eval"} <= set(saved["versions"])
-    assert saved["device"]["type"] == "cpu"
+    assert saved["device"]["type"] == "cpu" and saved["device"]["dtype"] == "float32"
     assert saved["git_sha"] is None or len(saved["git_sha"]) >= 40
     wiki = str((data_root / "wikitext2" / "wiki.test.raw").resolve())
     assert len(saved["data_files"][wiki]) == 64
