@@ -81,6 +81,16 @@ class QuantConfig:
         cfg.validate()
         return cfg
 
+    @classmethod
+    def coerce(cls, qcfg) -> "QuantConfig":
+        """A validated QuantConfig from a QuantConfig or any mapping (dict, DictConfig)."""
+        if isinstance(qcfg, cls):
+            return qcfg.validate()
+        if hasattr(qcfg, "items"):
+            return cls.from_dict(dict(qcfg.items()))
+        raise ConfigError(f"quant config of type {type(qcfg).__name__}: expected QuantConfig or "
+                          f"mapping")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -18,22 +18,16 @@ Each attention module gets a `kv_quant` child (KVFakeQuant) holding the settings
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from atom_lab.config import QuantConfig
 from atom_lab.models import decoder_layers, model_dims
-from atom_lab.primitives import PER_ROW, IntSpec, fake_quant
+from atom_lab.formats import kv_spec
+from atom_lab.primitives import fake_quant
 
 WRAPPER_PREFIX = "atom_kv_"
-
-
-def kv_int_spec(bits: int, group_size: int, clip: float) -> IntSpec:
-    """Asymmetric per-token-per-head spec; group 0 means one group per head (= formats.kv_spec)."""
-    return IntSpec(bits=bits, symmetric=False, group_size=group_size if group_size > 0 else PER_ROW,
-                   clip=clip)
 
 
 class KVFakeQuant(nn.Module):
@@ -42,7 +36,7 @@ class KVFakeQuant(nn.Module):
     def __init__(self, bits: int, group_size: int, clip: float, k_before_rope: bool, head_dim: int,
                  base_attention: str):
         super().__init__()
-        self.spec = kv_int_spec(bits, group_size, clip)
+        self.spec = kv_spec(bits, group_size, clip)
         self.k_before_rope = k_before_rope
         self.head_dim = head_dim
         self.base_attention = base_attention
@@ -117,16 +111,10 @@ def _current_base(model) -> str:
     return impl[len(WRAPPER_PREFIX):] if impl.startswith(WRAPPER_PREFIX) else impl
 
 
-def _as_quant_config(qcfg) -> QuantConfig:
-    if isinstance(qcfg, QuantConfig):
-        return qcfg.validate()
-    return QuantConfig.from_dict(dict(qcfg.items()) if isinstance(qcfg, Mapping) else qcfg)
-
-
 def apply_kv_quant(model, qcfg):
     """Install KV fake-quant per qcfg (kv_bits, kv_group_size, kv_clip, k_before_rope); kv_bits 16
     removes it. Returns the model."""
-    qcfg = _as_quant_config(qcfg)
+    qcfg = QuantConfig.coerce(qcfg)
     hidden, intermediate, head_dim = model_dims(model)
     qcfg.validate_for_model(hidden, intermediate, head_dim)
     base = _current_base(model)

@@ -18,11 +18,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from atom_lab.config import NO_QUANT_BITS, OUTLIER_FORMATS
+from atom_lab.config import NO_QUANT_BITS, OUTLIER_FORMATS, STATIC_GRANULARITIES
 from atom_lab.formats import MixedQuantized, normal_spec, outlier_spec
 from atom_lab.primitives import MIN_SCALE, IntSpec, fake_quant, fp_fake_quant
 
-STATIC_GRANULARITIES = ("tensor", "channel")
 
 
 def _static_fake_quant(x: torch.Tensor, scale: torch.Tensor, spec: IntSpec) -> torch.Tensor:

@@ -17,7 +17,6 @@ dynamic activations, no outliers: its input is not reordered).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -46,7 +45,7 @@ def quantize_model(model, qcfg, calib_windows: torch.Tensor | None = None, devic
     GPTQ is off). `device`: where calibration and GPTQ run (default: the model's device).
     """
     start = time.perf_counter()
-    qcfg = _as_quant_config(qcfg)
+    qcfg = QuantConfig.coerce(qcfg)
     qcfg.validate_for_model(*model_dims(model))
     _check_model_not_quantized(model)
     use_gptq = qcfg.quantizes_weights and qcfg.weight_method == "gptq"
@@ -106,14 +105,6 @@ def quantize_model(model, qcfg, calib_windows: torch.Tensor | None = None, devic
         "calib_tokens": 0 if calib_windows is None else int(calib_windows.numel()),
         "time_s": times,
     }
-
-
-def _as_quant_config(qcfg) -> QuantConfig:
-    if isinstance(qcfg, QuantConfig):
-        return qcfg.validate()
-    if isinstance(qcfg, Mapping) or hasattr(qcfg, "items"):
-        return QuantConfig.from_dict(dict(qcfg.items()))
-    raise ConfigError(f"quant config of type {type(qcfg).__name__}: expected QuantConfig or mapping")
 
 
 def _check_model_not_quantized(model) -> None:
