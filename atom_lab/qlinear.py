@@ -69,10 +69,6 @@ class ActQuantizer(nn.Module):
         return (f"bits={self.bits}, group_size={self.group_size}, clip={self.clip}, "
                 f"outliers={self.outliers} ({self.outlier_bits}), {mode}")
 
-    @property
-    def is_calibrated(self) -> bool:
-        return self.dynamic or self.spec is None or self.normal_scale is not None
-
     def calibrate(self, abs_max: torch.Tensor) -> None:
         """Fix static scales from the calibration abs_max per input channel (reordered order)."""
         self._cache = None
