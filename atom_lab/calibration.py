@@ -174,3 +174,13 @@ def calibration_data_hash(calib_cfg, data_root=None) -> str:
         return f"hub:wikitext-2-raw-v1:{cfg.split}"
     return file_sha256(data_file(root, WIKITEXT2_FILES[cfg.split]))
 
+
+def calibrate(model, tokenizer, calib_cfg, model_id: str, data_root=None, device=None,
+              progress: bool = True, batch_size: int = 4) -> Stats:
+    """Windows from calib_cfg, then collect_input_stats with the on-disk cache keyed by all inputs."""
+    cfg = _as_calib_config(calib_cfg)
+    windows = calibration_windows_for(tokenizer, cfg, data_root)
+    key = calibration_cache_key(model_id, calibration_data_hash(cfg, data_root), cfg.nsamples,
+                                cfg.seqlen, cfg.seed)
+    return collect_input_stats(model, windows, device=device, progress=progress, cache_key=key,
+                               cache_dir=cfg.cache_dir, batch_size=batch_size)
