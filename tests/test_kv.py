@@ -4,12 +4,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from atom_lab.config import ConfigError, QuantConfig
 from atom_lab.formats import decode_kv, encode_kv
 from atom_lab.kv import KVFakeQuant, apply_kv_quant, kv_quant_modules, remove_kv_quant
 from atom_lab.models import decoder_layers, tiny_random_llama
+from test_reorder import StandInQuantLinear
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
 
@@ -127,15 +127,6 @@ def test_eager_and_sdpa_give_the_same_quantized_model(model):
     sdpa = logits(apply_kv_quant(model, qcfg))
     eager_model = tiny_random_llama(seed=4, attn_implementation="eager")
     assert rel_err(logits(apply_kv_quant(eager_model, qcfg)), sdpa) < 1e-4
-
-
-class StandInQuantLinear(nn.Module):
-    def __init__(self, linear):
-        super().__init__()
-        self.weight = nn.Parameter(linear.weight.detach().clone())
-
-    def forward(self, x):
-        return x @ self.weight.T
 
 
 def test_k_quant_follows_replaced_k_proj_and_deepcopy(model):
