@@ -8,7 +8,8 @@ accumulates, per input channel, over all calibration tokens:
   abs_mean  mean of |x|
   abs_max   max of |x|
 Results are float32 CPU tensors, cached on disk (torch.save) under a key derived from the model
-id, the data file hash, N, L, the seed and the windows themselves.
+id, the data file hash, N, L, the seed, the windows themselves and a fingerprint of the weights
+(so a fine-tuned or re-exported checkpoint under the same name never reuses stale statistics).
 """
 from __future__ import annotations
 
@@ -74,11 +75,26 @@ def calibration_cache_key(model_id: str, data_hash: str, nsamples: int, seqlen: 
     return f"{label}-n{nsamples}-l{seqlen}-s{seed}-{digest[:16]}"
 
 
+FINGERPRINT_SAMPLES = 4096  # elements hashed per parameter: cheap even for 7B models
+
+
+@torch.no_grad()
+def weights_fingerprint(model) -> str:
+    """sha256 over every parameter's name, shape, dtype and an evenly strided sample of values."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+        sample = flat[::step].float().cpu().numpy().tobytes()
+        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode() + sample)
+    return h.hexdigest()
+
+
 def _cache_file(cache_key: str, windows: torch.Tensor, model, cache_dir) -> Path:
     layers = decoder_layers(model)
     meta = {"key": cache_key, "version": STATS_FORMAT_VERSION, "layers": len(layers),
             "hidden": model.config.hidden_size, "ffn": model.config.intermediate_size,
-            "dtype": str(next(model.parameters()).dtype),
+            "dtype": str(next(model.parameters()).dtype), "weights": weights_fingerprint(model),
             "windows": hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()}
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR

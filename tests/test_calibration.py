@@ -85,6 +85,23 @@ def test_disk_cache_roundtrip_and_key_separation(model, windows, tmp_path, monke
         collect_input_stats(model, windows[:3], progress=False, cache_key=key, cache_dir=tmp_path)
 
 
+def test_cache_misses_when_the_weights_change(model, windows, tmp_path):
+    key = calibration_cache_key("tiny", "datahash", 5, 24, 0)
+    before = collect_input_stats(model, windows, progress=False, cache_key=key, cache_dir=tmp_path)
+    layer0 = decoder_layers(model)[0]
+    with torch.no_grad():  # same name, other checkpoint: the cached statistics are stale
+        layer0.input_layernorm.weight.mul_(2.0)
+    try:
+        after = collect_input_stats(model, windows, progress=False, cache_key=key,
+                                    cache_dir=tmp_path)
+    finally:
+        with torch.no_grad():
+            layer0.input_layernorm.weight.div_(2.0)
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+    torch.testing.assert_close(after[0]["qkv"]["hessian"], 4 * before[0]["qkv"]["hessian"],
+                               rtol=1e-4, atol=1e-6)
+
+
 def test_cache_key_changes_with_every_field():
     base = ("smollm2", "abc", 128, 2048, 0)
     keys = {calibration_cache_key(*base)}

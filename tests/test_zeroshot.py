@@ -1,5 +1,6 @@
 """Offline lm-eval zero-shot: task YAML generation, data conversion, the in-memory LM's scoring."""
 import bz2
+import json
 
 import pytest
 import torch
@@ -8,9 +9,10 @@ import yaml
 from atom_lab.data import DataError
 from atom_lab.errors import HarnessError
 from atom_lab.eval.lm import InMemoryLM
-from atom_lab.eval.zeroshot import (LOCAL_TASK_PREFIX, TASK_METRICS, evaluate_zeroshot,
+from atom_lab.eval.zeroshot import (LOCAL_TASK_PREFIX, SOURCE_FILES, TASK_METRICS, evaluate_zeroshot,
                                     hellaswag_records, piqa_records, prepare_local_tasks,
-                                    render_task_yaml, setup_tasks, zeroshot_metrics)
+                                    render_task_yaml, setup_tasks, task_data_file,
+                                    zeroshot_metrics)
 from atom_lab.models import embedded_tokenizer, tiny_random_llama
 
 ALL_TASKS = list(TASK_METRICS)
@@ -89,6 +91,21 @@ def test_lm_eval_reads_the_local_formats(data_root, tmp_path):
     doc = arc.eval_docs[0]
     assert arc.doc_to_text(doc) == doc["query"] + "\nAnswer:"
     assert arc.doc_to_target(doc) == doc["gold"] and arc.doc_to_choice(doc) == doc["choices"]
+
+
+def test_piqa_conversion_is_redone_when_only_the_labels_change(data_root, tmp_path):
+    root = tmp_path / "data"
+    (root / "zeroshot").mkdir(parents=True)
+    questions, labels = SOURCE_FILES["piqa"]
+    lines = (data_root / questions).read_text().splitlines()[:3]
+    (root / questions).write_text("\n".join(lines) + "\n")
+    (root / labels).write_text("0\n1\n0\n")
+    first = task_data_file("piqa", root, tmp_path / "cache")
+    (root / labels).write_text("1\n1\n0\n")
+    second = task_data_file("piqa", root, tmp_path / "cache")
+    assert first != second
+    golds = [json.loads(line)["label"] for line in second.read_text().splitlines()]
+    assert golds == [1, 1, 0]
 
 
 def test_unknown_task_and_missing_file(tmp_path):

@@ -8,6 +8,8 @@ built-in tasks of the same names are used (they download from the Hugging Face h
 """
 from __future__ import annotations
 
+import hashlib
+
 import json
 import os
 import re
@@ -102,7 +104,7 @@ def task_data_file(task: str, root: Path, cache_dir: Path) -> Path:
     sources = source_files(task, root)
     if task not in ("piqa", "hellaswag"):
         return sources[0]
-    key = file_sha256(sources[0])[:16]
+    key = hashlib.sha256("|".join(file_sha256(f) for f in sources).encode()).hexdigest()[:16]
     converted = cache_dir / f"{task}-{key}.jsonl"
     if not converted.is_file():
         records = piqa_records(*sources) if task == "piqa" else hellaswag_records(sources[0])
