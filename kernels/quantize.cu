@@ -325,6 +325,218 @@ __device__ void quantize_mixed_ring(const __half* __restrict__ x, const __half* 
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Round 3 ("wide"): the ring's persistent double-buffered blocks with far fewer instructions an
+// element (round 2 was issue-bound at ~107-115 warp instructions a 128-group):
+//   - a lane owns 16 consecutive output columns, so 8 lanes (G = 128) or 4 (G = 64) share a group
+//     and one warp instruction serves 4 or 8 groups: the per-group work (shuffle max, scale, 1/s,
+//     clamp bounds, scale store) is paid by a quarter or an eighth of the lanes' instructions;
+//   - the gather offsets (2 * idx, bytes) are staged once a block in shared memory, laid out so a
+//     lane's 16 offsets are 4 conflict-free 16-byte loads; each element is then one LDS.U16;
+//   - |x| max and the clamp run on half2 pairs. The clamp moves to the input side: with
+//     B_hi = fp16(qmax * s) and B_lo = max(-(qmax + 1) * s, -65504) (exact), rint(clamp(x) / s)
+//     equals clamp(rint(x / s)) for every fp16 x (B_hi / s is within qmax * 2^-11 of qmax, far
+//     inside +-0.5; an infinite B_hi needs x > 7.5 s > 65504, which no fp16 x is);
+//   - the division is the one-step reciprocal form proven exact for fp16 operands, the rounding
+//     the magic add, and two codes become a byte with one shift and one LOP3, four bytes a word
+//     with three PRMT; each lane stores its 8 bytes with one 8-byte store.
+// RMSNorm is applied in place to the staged row (after its sum of squares) and SiLU * up likewise,
+// so the quantizer itself is the same for the three producers.
+// ---------------------------------------------------------------------------------------------
+#define WIDE_COLS 512  // columns of a normal warp task: 32 lanes x 16
+#define FP16_MAX 65504.f
+
+// Position of column c's offset in the staged table: normal columns as [task][quarter][lane][4],
+// then the outliers as [quarter][lane][4] (8 columns a lane). Inverse: the column of position p.
+__device__ __forceinline__ int wide_column(int p, int kn, int k, int tasks) {
+    const int normal = tasks * WIDE_COLS;
+    const int rem = p < normal ? p : p - normal;
+    const int q = (rem >> 7) & 3, lane = (rem >> 2) & 31, e = q * 4 + (rem & 3);
+    if (p < normal) {
+        const int c = (p >> 9) * WIDE_COLS + lane * 16 + e;  // 512 entries a task
+        return c < kn ? c : -1;
+    }
+    const int j = lane * 8 + e;
+    return (q < 2 && j < k) ? kn + j : -1;
+}
+
+__device__ __forceinline__ unsigned gather_u16(const unsigned char* row, unsigned off) {
+    return *reinterpret_cast<const unsigned short*>(row + off);
+}
+
+// Two codes (each the low bits of a magic-rounded float) as one nibble-packed low byte; the bits
+// above it are garbage that low_bytes drops (a shift and one LOP3).
+__device__ __forceinline__ unsigned nibble_pair(unsigned lo_bits, unsigned hi_bits) {
+    return ((hi_bits << 4) & ~0x0Fu) | (lo_bits & 0x0Fu);
+}
+// The low bytes of four registers as one word.
+__device__ __forceinline__ unsigned low_bytes(unsigned b0, unsigned b1, unsigned b2, unsigned b3) {
+    return __byte_perm(__byte_perm(b0, b1, 0x0040), __byte_perm(b2, b3, 0x0040), 0x5410);
+}
+
+// E gathered fp16 values (offsets in o[]) as E/2 half2 pairs; returns max |x| over them.
+template <int E>
+__device__ __forceinline__ float gather_pairs(const unsigned char* row, const uint4* o, __half2* p) {
+    unsigned h[E];
+#pragma unroll
+    for (int q = 0; q < E / 4; ++q) {
+        h[4 * q + 0] = gather_u16(row, o[q].x);
+        h[4 * q + 1] = gather_u16(row, o[q].y);
+        h[4 * q + 2] = gather_u16(row, o[q].z);
+        h[4 * q + 3] = gather_u16(row, o[q].w);
+    }
+    __half2 m = __float2half2_rn(0.f);
+#pragma unroll
+    for (int j = 0; j < E / 2; ++j) {
+        const unsigned pair = __byte_perm(h[2 * j], h[2 * j + 1], 0x5410);
+        p[j] = *reinterpret_cast<const __half2*>(&pair);
+        m = __hmax2(m, __habs2(p[j]));
+    }
+    return fmaxf(__low2float(m), __high2float(m));
+}
+
+// Magic-rounded float bits of rint(clamp(x) / s) for a half2 pair (see the section comment).
+struct PairQuantizer {
+    __half2 lo, hi;
+    float s, r;
+    __device__ PairQuantizer(__half sh, int qmax) {
+        s = __half2float(sh);
+        r = __frcp_rn(s);
+        hi = __half2half2(__float2half_rn((float)qmax * s));
+        lo = __half2half2(__float2half_rn(fmaxf(-(float)(qmax + 1) * s, -FP16_MAX)));
+    }
+    __device__ __forceinline__ void operator()(__half2 x, unsigned& b0, unsigned& b1) const {
+        const float2 f = __half22float2(__hmin2(__hmax2(x, lo), hi));
+        b0 = __float_as_uint(div_rn<1>(f.x, s, r) + 12582912.0f);
+        b1 = __float_as_uint(div_rn<1>(f.y, s, r) + 12582912.0f);
+    }
+};
+
+// A normal task: 512 columns, lane = 16 of them; G / 16 lanes a group.
+template <int G>
+__device__ void wide_normal_task(const unsigned char* row, const uint4* table, int task, int kn,
+                                 float clip, int qmax, unsigned char* __restrict__ codes_row,
+                                 __half* __restrict__ scales_row) {
+    constexpr int LPG = G / 16;
+    const int lane = threadIdx.x & 31;
+    const int c0 = task * WIDE_COLS + lane * 16;
+    uint4 o[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) o[q] = table[(task * 4 + q) * 32 + lane];
+    __half2 p[8];
+    float amax = gather_pairs<16>(row, o, p);
+#pragma unroll
+    for (int d = LPG / 2; d >= 1; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
+    const __half sh = group_scale(amax, clip, (float)qmax);
+    const PairQuantizer quant(sh, qmax);
+    unsigned bytes[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        unsigned b0, b1;
+        quant(p[j], b0, b1);
+        bytes[j] = nibble_pair(b0, b1);
+    }
+    if (c0 < kn) {
+        *reinterpret_cast<uint2*>(codes_row + c0 / 2) =
+            make_uint2(low_bytes(bytes[0], bytes[1], bytes[2], bytes[3]),
+                       low_bytes(bytes[4], bytes[5], bytes[6], bytes[7]));
+        if (lane % LPG == 0) scales_row[c0 / G] = sh;
+    }
+}
+
+// The outlier task: lane j takes outlier columns 8j..8j+7 (k <= 256), one INT8 scale a row.
+__device__ void wide_outlier_task(const unsigned char* row, const uint4* table, int tasks, int k,
+                                  signed char* __restrict__ out_row, __half* __restrict__ oscale) {
+    const int lane = threadIdx.x & 31;
+    const bool active = lane * 8 < k;
+    uint4 o[2];
+#pragma unroll
+    for (int q = 0; q < 2; ++q) o[q] = table[tasks * (WIDE_COLS / 4) + q * 32 + lane];
+    __half2 p[4];
+    float amax = gather_pairs<8>(row, o, p);
+    amax = warp_max_nonneg(active ? amax : 0.f);
+    const __half sh = group_scale(amax, 1.0f, 127.0f);
+    const PairQuantizer quant(sh, 127);
+    unsigned b[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) quant(p[j], b[2 * j], b[2 * j + 1]);
+    if (active)
+        *reinterpret_cast<uint2*>(out_row + lane * 8) =
+            make_uint2(low_bytes(b[0], b[1], b[2], b[3]), low_bytes(b[4], b[5], b[6], b[7]));
+    if (lane == 0) *oscale = sh;
+}
+
+template <int MODE, int G, int NBUF>
+__device__ void quantize_mixed_wide(const __half* __restrict__ x, const __half* __restrict__ up,
+                                    const __half* __restrict__ norm_w, float eps,
+                                    const int* __restrict__ idx, int K, int k, float clip, int qmax,
+                                    unsigned char* __restrict__ codes, __half* __restrict__ scales,
+                                    signed char* __restrict__ outlier, __half* __restrict__ oscales,
+                                    int M) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    constexpr int ROWS = MODE == SILU_MUL ? 2 : 1;
+    const int kn = K - k, ngroups = kn / G;
+    const int tasks = (kn + WIDE_COLS - 1) / WIDE_COLS;
+    const int table_len = tasks * WIDE_COLS + 256;
+    unsigned* table = reinterpret_cast<unsigned*>(smem);
+    __half* bufs = reinterpret_cast<__half*>(smem + 4 * table_len);  // [NBUF][ROWS][K]
+    __shared__ float red[QUANT_THREADS / 32];
+    const int warp = threadIdx.x >> 5;
+
+    // NBUF - 1 rows are in flight while one is quantized (one cp.async group a row, empty or not).
+    long long m = blockIdx.x;
+#pragma unroll
+    for (int j = 0; j < NBUF - 1; ++j) {
+        const long long r = m + (long long)j * gridDim.x;
+        if (r < M) stage_row<MODE>(x, up, r, K, bufs + j * ROWS * K, bufs + j * ROWS * K + K);
+        cp_async_commit();
+    }
+    for (int p = threadIdx.x; p < table_len; p += QUANT_THREADS) {
+        const int c = wide_column(p, kn, k, tasks);
+        table[p] = c < 0 ? 0u : 2u * (unsigned)(idx == nullptr ? c : idx[c]);
+    }
+    for (int b = 0; m < M; m += gridDim.x, b = (b + 1) % NBUF) {
+        const long long ahead = m + (long long)(NBUF - 1) * gridDim.x;
+        __half* abuf = bufs + ((b + NBUF - 1) % NBUF) * ROWS * K;
+        if (ahead < M) stage_row<MODE>(x, up, ahead, K, abuf, abuf + K);
+        cp_async_commit();
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(NBUF - 1));
+        __syncthreads();  // row m staged by every thread (and, the first time, the table)
+        __half* row = bufs + b * ROWS * K;
+        const float rms = prepare_row<MODE>(row, row + K, K, eps, red);
+        if (MODE == RMSNORM) {  // weight * (x * rms).to(fp16), in place, as LlamaRMSNorm in fp16
+            uint4* rv = reinterpret_cast<uint4*>(row);
+            const uint4* wv = reinterpret_cast<const uint4*>(norm_w);
+            for (int v = threadIdx.x; v < K / 8; v += QUANT_THREADS) {
+                uint4 d = rv[v];
+                const uint4 w = wv[v];
+                __half* dh = reinterpret_cast<__half*>(&d);
+                const __half* wh = reinterpret_cast<const __half*>(&w);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    const __half n = __float2half_rn(__half2float(dh[i]) * rms);
+                    dh[i] = __float2half_rn(__half2float(wh[i]) * __half2float(n));
+                }
+                rv[v] = d;
+            }
+            __syncthreads();
+        }
+        const unsigned char* rb = reinterpret_cast<const unsigned char*>(row);
+        const uint4* tv = reinterpret_cast<const uint4*>(table);
+        for (int task = warp; task <= tasks; task += QUANT_THREADS / 32) {
+            if (task < tasks) {
+                wide_normal_task<G>(rb, tv, task, kn, clip, qmax, codes + m * (kn / 2),
+                                    scales + m * ngroups);
+            } else if (k > 0) {
+                wide_outlier_task(rb, tv, tasks, k, outlier + m * k, oscales + m);
+            } else if ((threadIdx.x & 31) == 0) {
+                oscales[m] = __float2half_rn(1.0f);
+            }
+        }
+        __syncthreads();  // row m's buffer is restaged at the top of the next iteration
+    }
+}
+
 #define QUANT_ARGS                                                                             \
     const __half *__restrict__ x, const __half *__restrict__ up, const __half *__restrict__ norm_w, \
         float eps, const int *__restrict__ idx, int K, int k, float clip, int qmax,              \
@@ -338,6 +550,12 @@ __device__ void quantize_mixed_ring(const __half* __restrict__ x, const __half* 
     }                                                                                        \
     extern "C" __global__ void __launch_bounds__(QUANT_THREADS) NAME##_ring(QUANT_ARGS, int M) { \
         quantize_mixed_ring<MODE, G>(QUANT_PASS, M);                                         \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(QUANT_THREADS) NAME##_wide(QUANT_ARGS, int M) { \
+        quantize_mixed_wide<MODE, G, 2>(QUANT_PASS, M);                                      \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(QUANT_THREADS) NAME##_wide4(QUANT_ARGS, int M) { \
+        quantize_mixed_wide<MODE, G, 4>(QUANT_PASS, M);                                      \
     }
 
 DEFINE_QUANT(quantize_mixed_g64, PLAIN, 64)

@@ -1,0 +1,547 @@
+// W4A4 GEMM for a few tokens (M <= 16 a launch row): a weight-streaming kernel, Y = A_hat W_hat^T.
+//
+// Same operands and arithmetic as w4a4_gemm.cu (formats.MixedQuantized; 4-bit codes unpacked to
+// INT8 with two logic ops, mma.sync m16n8k32 s8, each K-group accumulated in INT32 from the magic
+// constant 0x4B400000 and folded into FP32 with sa * sw). What differs is the organisation, built
+// for the HBM stream of the weights:
+//   - one CTA a SM (grid = min(SMs, N/8)); CTA c owns a contiguous range of weight-row octets, and
+//     the bytes of one octet (8 rows: codes, group scales, outliers, outlier scales) are four
+//     contiguous runs of global memory, so a producer warp moves each with ONE bulk copy
+//     (cp.async.bulk, completing on an mbarrier) into a ring of S octet slots. Every slot is issued
+//     at kernel start (S * 17-46 KB in flight a SM, more than the latency-bandwidth product).
+//   - 15 consumer warps split K: warp w owns K-groups [w*ng/15, (w+1)*ng/15) (and one outlier
+//     32-column chunk), so its activation fragments (16 tokens x its groups, packed) are loaded
+//     from global once into registers and reused for every octet.
+//   - per octet each consumer writes its partial m16n8 tile (one float4 a lane) to shared memory
+//     and arrives on the slot's "empty" barrier; the producer warp, which waits on that barrier
+//     before refilling the slot anyway, sums the 15 partials and writes Y (+ bias). No CTA-wide
+//     barrier after the prologue.
+// Tokens are the mma A operand (rows gid and gid + 8 of the m16 tile), weight rows the B operand
+// (n8 = one octet). HI = false (M <= 8 a tile) leaves the upper 8 token rows as constant zeros.
+// gridDim.y walks token tiles (16, or 8 without HI), so any M is correct, but only one tile is
+// what it is built for.
+//
+// Requirements (atom_lab/kernel_ops.py checks them and falls back to the skinny kernel): sm_90,
+// 16-byte aligned operands, (K - k) / G <= 15 * GPW groups, k <= 256, and two slots that fit.
+#include <cuda_fp16.h>
+
+#define MAGIC_I 0x4B400000
+#define MAGIC_F 12582912.0f
+#define UNPACK_MASK 0xF0F0F0F0u
+#define CONSUMERS 15  // + 1 producer = 16 warps: 4 a scheduler, so 128 registers a thread
+#define GEMV_THREADS (32 * (CONSUMERS + 1))
+#define BARRIER_BYTES 256  // full[S] and empty[S] mbarriers, S <= 16
+#define PARTIAL_BYTES (CONSUMERS * 32 * 16)  // one float4 a consumer lane, a slot
+
+__device__ __forceinline__ unsigned evens(unsigned w) { return (w << 4) & UNPACK_MASK; }
+__device__ __forceinline__ unsigned odds(unsigned w) { return w & UNPACK_MASK; }
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+
+// ------------------------------------------------------------------------------- mbarrier, bulk
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            " selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+__device__ __forceinline__ void bulk_copy(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+        ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
+        : "memory");
+}
+
+// ------------------------------------------------------------------------------------ the mma
+__device__ __forceinline__ void mma_s8(int (&d)[4], unsigned a0, unsigned a1, unsigned a2,
+                                       unsigned a3, unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// A K-group's first step starts from the magic constant instead of d (no reset instructions).
+__device__ __forceinline__ void mma_s8_start(int (&d)[4], unsigned a0, unsigned a1, unsigned a2,
+                                             unsigned a3, unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%10,%10,%10};\n"
+        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(MAGIC_I));
+}
+
+template <int WORDS>
+__device__ __forceinline__ void load_words(const unsigned char* p, bool valid, unsigned (&w)[WORDS]) {
+    if constexpr (WORDS == 4) {
+        const uint4 v = valid ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
+        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+    } else {
+        const uint2 v = valid ? __ldg(reinterpret_cast<const uint2*>(p)) : make_uint2(0, 0);
+        w[0] = v.x; w[1] = v.y;
+    }
+}
+
+template <int WORDS>
+__device__ __forceinline__ void shared_words(const unsigned char* p, unsigned (&w)[WORDS]) {
+    if constexpr (WORDS == 4) {
+        const uint4 v = *reinterpret_cast<const uint4*>(p);
+        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+    } else {
+        const uint2 v = *reinterpret_cast<const uint2*>(p);
+        w[0] = v.x; w[1] = v.y;
+    }
+}
+
+// Layout of one octet slot: codes [8][Kn/2] | group scales [8][ng] fp16 | outliers [8][k] |
+// outlier scales [8] fp16. Every part is a multiple of 16 bytes (Kn % 64 == 0, k % 16 == 0).
+struct SlotLayout {
+    unsigned codes, scales, outliers, oscales, bytes;
+    __device__ SlotLayout(int kb, int ng, int k) {
+        codes = 0;
+        scales = 8 * kb;
+        outliers = scales + 16 * ng;
+        oscales = outliers + 8 * k;
+        bytes = oscales + 16;
+    }
+};
+
+#define GEMV_ARGS                                                                              \
+    const unsigned char *__restrict__ a_codes, const __half *__restrict__ a_scales,             \
+        const signed char *__restrict__ a_out, const __half *__restrict__ a_oscale,             \
+        const unsigned char *__restrict__ w_codes, const __half *__restrict__ w_scales,         \
+        const signed char *__restrict__ w_out, const __half *__restrict__ w_oscale,             \
+        const __half *__restrict__ bias, __half *__restrict__ y, int M, int N, int Kn, int k,  \
+        int slots
+#define GEMV_PASS \
+    a_codes, a_scales, a_out, a_oscale, w_codes, w_scales, w_out, w_oscale, bias, y, M, N, Kn, k, slots
+
+// The producer's copy of octet o into a slot. Whole octets: four bulk copies by lane 0 on the
+// slot's full barrier. The last octet of an N that is not a multiple of 8: the warp copies the
+// valid rows with plain loads (their scale run need not be a multiple of 16 bytes), then arrives.
+__device__ __forceinline__ void issue_octet(unsigned char* slot, unsigned full, long long o, int N,
+                                            int kb, int ng, int k, const SlotLayout& L,
+                                            const unsigned char* __restrict__ w_codes,
+                                            const __half* __restrict__ w_scales,
+                                            const signed char* __restrict__ w_out,
+                                            const __half* __restrict__ w_oscale) {
+    const int lane = threadIdx.x & 31;
+    const int rows = (int)min(8LL, (long long)N - 8 * o);
+    if (rows == 8) {
+        if (lane == 0) {
+            mbar_expect_tx(full, L.bytes);
+            bulk_copy(smem_u32(slot + L.codes), w_codes + o * 8 * kb, 8 * kb, full);
+            bulk_copy(smem_u32(slot + L.scales), w_scales + o * 8 * ng, 16 * ng, full);
+            if (k > 0) bulk_copy(smem_u32(slot + L.outliers), w_out + o * 8 * k, 8 * k, full);
+            bulk_copy(smem_u32(slot + L.oscales), w_oscale + o * 8, 16, full);
+        }
+        return;
+    }
+    auto copy_words = [&](unsigned char* dst, const void* src, int bytes) {  // bytes % 4 == 0
+        const unsigned* s = reinterpret_cast<const unsigned*>(src);
+        unsigned* d = reinterpret_cast<unsigned*>(dst);
+        for (int i = lane; i < bytes / 4; i += 32) d[i] = s[i];
+    };
+    copy_words(slot + L.codes, w_codes + o * 8 * kb, rows * kb);
+    copy_words(slot + L.scales, w_scales + o * 8 * ng, rows * ng * 2);
+    copy_words(slot + L.outliers, w_out + o * 8 * k, rows * k);
+    copy_words(slot + L.oscales, w_oscale + o * 8, rows * 2);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(full);
+}
+
+// The producer warp: fill the ring, then per octet wait until every consumer is done with it, sum
+// the consumers' partial tiles, store Y (+ bias) and refill the slot. Partial layout, lane (gid, t):
+// WA (weights were the mma A operand): weight row gid of the octet, tokens 2t, 2t+1, 8+2t, 9+2t;
+// else (tokens were A): weight rows 2t, 2t+1, tokens gid (x, y) and gid + 8 (z, w).
+template <bool WA, bool HI>
+__device__ void gemv_producer(unsigned char* ring, const float4* partial, unsigned long long* bars,
+                              long long o_begin, int count, int m0, int ng, GEMV_ARGS) {
+    const int lane = threadIdx.x & 31, gid = lane >> 2, t = lane & 3;
+    const int kb = Kn / 2;
+    const SlotLayout L(kb, ng, k);
+    auto full = [&](int s) { return smem_u32(bars + s); };
+    auto empty = [&](int s) { return smem_u32(bars + 16 + s); };
+    for (int i = 0; i < min(slots, count); ++i)
+        issue_octet(ring + i * L.bytes, full(i), o_begin + i, N, kb, ng, k, L, w_codes, w_scales,
+                    w_out, w_oscale);
+    for (int i = 0; i < count; ++i) {
+        const int s = i % slots;
+        mbar_wait(empty(s), (i / slots) & 1);
+        float4 sum = partial[(s * CONSUMERS) * 32 + lane];
+#pragma unroll
+        for (int w = 1; w < CONSUMERS; ++w) {
+            const float4 p = partial[(s * CONSUMERS + w) * 32 + lane];
+            sum.x += p.x; sum.y += p.y; sum.z += p.z; sum.w += p.w;
+        }
+        sum.x *= 1.f / 256.f; sum.y *= 1.f / 256.f; sum.z *= 1.f / 256.f; sum.w *= 1.f / 256.f;
+        if (WA) {
+            const int n = (int)(8 * (o_begin + i)) + gid;
+            if (n < N) {
+                const float b = bias != nullptr ? __half2float(bias[n]) : 0.f;
+                const float v[4] = {sum.x, sum.y, sum.z, sum.w};
+#pragma unroll
+                for (int e = 0; e < (HI ? 4 : 2); ++e) {
+                    const long long m = m0 + 8 * (e >> 1) + 2 * t + (e & 1);
+                    if (m < M) y[m * N + n] = __float2half_rn(v[e] + b);
+                }
+            }
+        } else {
+            const int n = (int)(8 * (o_begin + i)) + 2 * t;
+            if (n < N) {
+                float b0 = 0.f, b1 = 0.f;
+                if (bias != nullptr) {
+                    const float2 b = __half22float2(*reinterpret_cast<const __half2*>(bias + n));
+                    b0 = b.x; b1 = b.y;
+                }
+                const int m_lo = m0 + gid, m_hi = m0 + gid + 8;
+                if (m_lo < M)
+                    *reinterpret_cast<__half2*>(y + (long long)m_lo * N + n) =
+                        __floats2half2_rn(sum.x + b0, sum.y + b1);
+                if (HI && m_hi < M)
+                    *reinterpret_cast<__half2*>(y + (long long)m_hi * N + n) =
+                        __floats2half2_rn(sum.z + b0, sum.w + b1);
+            }
+        }
+        __syncwarp();
+        if (i + slots < count)
+            issue_octet(ring + s * L.bytes, full(s), o_begin + i + slots, N, kb, ng, k, L, w_codes,
+                        w_scales, w_out, w_oscale);
+    }
+}
+
+// Prologue of both kernels: shared-memory carve-up, this CTA's octets, the mbarriers.
+struct GemvCta {
+    unsigned long long* bars;  // full[S] at 0, empty[S] at 16
+    float4* partial;           // [S][CONSUMERS][32]
+    unsigned char* ring;       // [S][slot bytes]
+    long long o_begin;
+    int count;
+    __device__ GemvCta(unsigned char* smem, int N, int slots) {
+        bars = reinterpret_cast<unsigned long long*>(smem);
+        partial = reinterpret_cast<float4*>(smem + BARRIER_BYTES);
+        ring = smem + BARRIER_BYTES + slots * PARTIAL_BYTES;
+        const long long octets = (N + 7) / 8;
+        o_begin = blockIdx.x * octets / gridDim.x;
+        count = (int)((blockIdx.x + 1) * octets / gridDim.x - o_begin);
+        if (threadIdx.x == 0) {
+            for (int s = 0; s < slots; ++s) {
+                mbar_init(smem_u32(bars + s), 1);
+                mbar_init(smem_u32(bars + 16 + s), CONSUMERS);
+            }
+            asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        }
+        __syncthreads();
+    }
+};
+
+template <int G, bool HI, int GPW>
+__device__ void gemv(GEMV_ARGS) {
+    constexpr int WORDS = G / 32;   // 32-bit words of a group a lane holds (one per k32 step)
+    constexpr int LANE_BYTES = G / 8;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const GemvCta cta(smem, N, slots);
+    unsigned long long* bars = cta.bars;
+    float4* partial = cta.partial;
+    unsigned char* ring = cta.ring;
+    const long long o_begin = cta.o_begin;
+    const int count = cta.count;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int gid = lane >> 2, t = lane & 3;
+    const int kb = Kn / 2, ng = Kn / G;
+    const SlotLayout L(kb, ng, k);
+    const int m0 = blockIdx.y * (HI ? 16 : 8);  // token tile of this CTA row
+    auto full = [&](int s) { return smem_u32(bars + s); };
+    auto empty = [&](int s) { return smem_u32(bars + 16 + s); };
+
+    if (warp == CONSUMERS) {
+        gemv_producer<false, HI>(ring, partial, bars, o_begin, count, m0, ng, GEMV_PASS);
+        return;
+    }
+
+    // Consumer warp: its K-groups' activation fragments, once, in registers.
+    const int g_begin = warp * ng / CONSUMERS;
+    const int g_count = (warp + 1) * ng / CONSUMERS - g_begin;
+    const long long tok_lo = m0 + gid, tok_hi = m0 + gid + 8;
+    const bool lo_ok = tok_lo < M, hi_ok = HI && tok_hi < M;
+    unsigned a_lo[GPW][WORDS], a_hi[GPW][WORDS];
+    __half2 sa[GPW];  // (token gid, token gid + 8) scales of group g_begin + j: one register
+    const __half zero = __float2half_rn(0.f);
+#pragma unroll
+    for (int j = 0; j < GPW; ++j) {
+        const int g = g_begin + j;
+        const bool in = j < g_count;
+        const int off = g * (G / 2) + t * LANE_BYTES;
+        load_words<WORDS>(a_codes + tok_lo * kb + off, in && lo_ok, a_lo[j]);
+        sa[j].x = in && lo_ok ? a_scales[tok_lo * ng + g] : zero;
+        sa[j].y = zero;
+        if (HI) {
+            load_words<WORDS>(a_codes + tok_hi * kb + off, in && hi_ok, a_hi[j]);
+            if (in && hi_ok) sa[j].y = a_scales[tok_hi * ng + g];
+        } else {
+#pragma unroll
+            for (int e = 0; e < WORDS; ++e) a_hi[j][e] = 0;
+        }
+    }
+    // Outlier chunk c = 15 - warp (32 INT8 columns; k <= 256 means at most 8 chunks).
+    const int chunk = CONSUMERS - 1 - warp;
+    const bool has_chunk = chunk * 32 < k;
+    const int o_off = chunk * 32 + t * 8;
+    const bool o_in = has_chunk && o_off < k;
+    unsigned ao_lo[2], ao_hi[2] = {0u, 0u};
+    load_words<2>(reinterpret_cast<const unsigned char*>(a_out) + tok_lo * k + o_off, o_in && lo_ok,
+                  ao_lo);
+    if (HI)
+        load_words<2>(reinterpret_cast<const unsigned char*>(a_out) + tok_hi * k + o_off,
+                      o_in && hi_ok, ao_hi);
+    // The 4-bit products carry 16 x 16 (unpacked codes); the producer divides the sum by 256, so
+    // the INT8 outlier part is entered 256x too large here (exact: powers of two).
+    const float so_lo = has_chunk && lo_ok ? __half2float(a_oscale[tok_lo]) * 256.f : 0.f;
+    const float so_hi = has_chunk && hi_ok ? __half2float(a_oscale[tok_hi]) * 256.f : 0.f;
+
+#pragma unroll 1
+    for (int i = 0; i < count; ++i) {
+        const int s = i % slots;
+        mbar_wait(full(s), (i / slots) & 1);
+        const unsigned char* slot = ring + s * L.bytes;
+        const __half* sw_row0 = reinterpret_cast<const __half*>(slot + L.scales) + (2 * t) * ng;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int j = 0; j < GPW; ++j) {
+            if (j < g_count) {
+                // Opaque to the compiler: keeps it from hoisting the unpacked (2x as many) words
+                // out of the octet loop, which spills.
+#pragma unroll
+                for (int e = 0; e < WORDS; ++e) {
+                    asm volatile("" : "+r"(a_lo[j][e]));
+                    if (HI) asm volatile("" : "+r"(a_hi[j][e]));
+                }
+                const int g = g_begin + j;
+                unsigned b[WORDS];
+                shared_words<WORDS>(slot + L.codes + gid * kb + g * (G / 2) + t * LANE_BYTES, b);
+                const float sw0 = __half2float(sw_row0[g]), sw1 = __half2float(sw_row0[ng + g]);
+                int grp[4];
+#pragma unroll
+                for (int e = 0; e < WORDS; ++e) {
+                    const unsigned lo = a_lo[j][e], hi = a_hi[j][e];
+                    if (e == 0)
+                        mma_s8_start(grp, evens(lo), evens(hi), odds(lo), odds(hi), evens(b[e]),
+                                     odds(b[e]));
+                    else
+                        mma_s8(grp, evens(lo), evens(hi), odds(lo), odds(hi), evens(b[e]), odds(b[e]));
+                }
+                const float2 a = __half22float2(sa[j]);
+                acc[0] = fmaf(__int_as_float(grp[0]) - MAGIC_F, a.x * sw0, acc[0]);
+                acc[1] = fmaf(__int_as_float(grp[1]) - MAGIC_F, a.x * sw1, acc[1]);
+                if (HI) {
+                    acc[2] = fmaf(__int_as_float(grp[2]) - MAGIC_F, a.y * sw0, acc[2]);
+                    acc[3] = fmaf(__int_as_float(grp[3]) - MAGIC_F, a.y * sw1, acc[3]);
+                }
+            }
+        }
+        if (has_chunk) {
+            unsigned b[2] = {0u, 0u};
+            if (o_in) shared_words<2>(slot + L.outliers + gid * k + o_off, b);
+            int o[4] = {0, 0, 0, 0};
+            mma_s8(o, ao_lo[0], ao_hi[0], ao_lo[1], ao_hi[1], b[0], b[1]);
+            const __half* osw = reinterpret_cast<const __half*>(slot + L.oscales);
+            const float sw0 = __half2float(osw[2 * t]), sw1 = __half2float(osw[2 * t + 1]);
+            acc[0] = fmaf((float)o[0], so_lo * sw0, acc[0]);
+            acc[1] = fmaf((float)o[1], so_lo * sw1, acc[1]);
+            if (HI) {
+                acc[2] = fmaf((float)o[2], so_hi * sw0, acc[2]);
+                acc[3] = fmaf((float)o[3], so_hi * sw1, acc[3]);
+            }
+        }
+        partial[(s * CONSUMERS + warp) * 32 + lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty(s));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// gemv2 (round 3, second version): the same CTA, ring and producer, but the weights are the mma A
+// operand: one m16n8k32 covers TWO octets (rows gid of octets i and i+1) against 8 tokens (the
+// n8 B operand), so each weight word is unpacked once for 16 rows and the fold costs half as much
+// a weight row; M <= 16 adds a second token tile sharing the unpacked weights. Groups are taken
+// in branch-free pairs (a second group past the warp's range re-reads a live one and meets zero
+// token codes and scales), so two IMMA chains are in flight. An odd last octet pairs with zeros.
+// ---------------------------------------------------------------------------------------------
+template <int G, int TILES, int GPW>
+__device__ void gemv2(GEMV_ARGS) {
+    constexpr int WORDS = G / 32, LANE_BYTES = G / 8;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const GemvCta cta(smem, N, slots);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, t = lane & 3;
+    const int kb = Kn / 2, ng = Kn / G;
+    const SlotLayout L(kb, ng, k);
+    const int m0 = blockIdx.y * 8 * TILES;
+    if (warp == CONSUMERS) {
+        gemv_producer<true, TILES == 2>(cta.ring, cta.partial, cta.bars, cta.o_begin, cta.count, m0,
+                                         ng, GEMV_PASS);
+        return;
+    }
+
+    // Token fragments (B operand: token tt*8 + gid, the lane's quarter of each group) and the
+    // scales of tokens 2t, 2t+1 of each tile, loaded once.
+    const int g_begin = warp * ng / CONSUMERS;
+    const int g_count = (warp + 1) * ng / CONSUMERS - g_begin;
+    const __half zero = __float2half_rn(0.f);
+    unsigned x[TILES][GPW][WORDS];
+    __half2 sa[TILES][GPW];
+#pragma unroll
+    for (int tt = 0; tt < TILES; ++tt) {
+        const long long tok = m0 + tt * 8 + gid, tok0 = m0 + tt * 8 + 2 * t;
+#pragma unroll
+        for (int j = 0; j < GPW; ++j) {
+            const int g = g_begin + j;
+            const bool in = j < g_count;
+            load_words<WORDS>(a_codes + tok * kb + g * (G / 2) + t * LANE_BYTES, in && tok < M,
+                              x[tt][j]);
+            sa[tt][j].x = in && tok0 < M ? a_scales[tok0 * ng + g] : zero;
+            sa[tt][j].y = in && tok0 + 1 < M ? a_scales[(tok0 + 1) * ng + g] : zero;
+        }
+    }
+    const int chunk = CONSUMERS - 1 - warp;  // the warp's INT8 outlier chunk, if k reaches it
+    const bool has_chunk = chunk * 32 < k;
+    const int o_off = chunk * 32 + t * 8;
+    const bool o_in = has_chunk && o_off < k;
+    unsigned xo[TILES][2];
+    float2 so[TILES];  // x256: the producer divides every sum by 256 (see gemv)
+#pragma unroll
+    for (int tt = 0; tt < TILES; ++tt) {
+        const long long tok = m0 + tt * 8 + gid, tok0 = m0 + tt * 8 + 2 * t;
+        load_words<2>(reinterpret_cast<const unsigned char*>(a_out) + tok * k + o_off,
+                      o_in && tok < M, xo[tt]);
+        so[tt].x = has_chunk && tok0 < M ? __half2float(a_oscale[tok0]) * 256.f : 0.f;
+        so[tt].y = has_chunk && tok0 + 1 < M ? __half2float(a_oscale[tok0 + 1]) * 256.f : 0.f;
+    }
+
+#pragma unroll 1
+    for (int i = 0; i < cta.count; i += 2) {
+        const int s0 = i % slots, s1 = (i + 1) % slots;
+        const bool two = i + 1 < cta.count;
+        mbar_wait(smem_u32(cta.bars + s0), (i / slots) & 1);
+        if (two) mbar_wait(smem_u32(cta.bars + s1), ((i + 1) / slots) & 1);
+        const unsigned char* slot0 = cta.ring + s0 * L.bytes;
+        const unsigned char* slot1 = cta.ring + s1 * L.bytes;
+        const __half* sw0_row = reinterpret_cast<const __half*>(slot0 + L.scales) + gid * ng;
+        const __half* sw1_row = reinterpret_cast<const __half*>(slot1 + L.scales) + gid * ng;
+        float acc[TILES][4];
+#pragma unroll
+        for (int tt = 0; tt < TILES; ++tt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[tt][e] = 0.f;
+
+#pragma unroll
+        for (int j0 = 0; j0 < GPW; j0 += 2) {
+            if (j0 >= g_count) break;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int j = j0 + h;
+                if (j >= GPW) break;
+                const int g = g_begin + (j < g_count ? j : 0);
+#pragma unroll
+                for (int tt = 0; tt < TILES; ++tt)
+#pragma unroll
+                    for (int e = 0; e < WORDS; ++e) asm volatile("" : "+r"(x[tt][j][e]));
+                const int off = gid * kb + g * (G / 2) + t * LANE_BYTES;
+                unsigned w0[WORDS], w1[WORDS];
+                shared_words<WORDS>(slot0 + L.codes + off, w0);
+                if (two) {
+                    shared_words<WORDS>(slot1 + L.codes + off, w1);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < WORDS; ++e) w1[e] = 0u;
+                }
+                const float sw0 = __half2float(sw0_row[g]);
+                const float sw1 = two ? __half2float(sw1_row[g]) : 0.f;
+                int grp[TILES][4];
+#pragma unroll
+                for (int e = 0; e < WORDS; ++e) {
+                    const unsigned a0 = evens(w0[e]), a1 = evens(w1[e]), a2 = odds(w0[e]),
+                                   a3 = odds(w1[e]);
+#pragma unroll
+                    for (int tt = 0; tt < TILES; ++tt) {
+                        const unsigned b0 = evens(x[tt][j][e]), b1 = odds(x[tt][j][e]);
+                        if (e == 0)
+                            mma_s8_start(grp[tt], a0, a1, a2, a3, b0, b1);
+                        else
+                            mma_s8(grp[tt], a0, a1, a2, a3, b0, b1);
+                    }
+                }
+#pragma unroll
+                for (int tt = 0; tt < TILES; ++tt) {
+                    const float2 a = __half22float2(sa[tt][j]);
+                    acc[tt][0] = fmaf(__int_as_float(grp[tt][0]) - MAGIC_F, sw0 * a.x, acc[tt][0]);
+                    acc[tt][1] = fmaf(__int_as_float(grp[tt][1]) - MAGIC_F, sw0 * a.y, acc[tt][1]);
+                    acc[tt][2] = fmaf(__int_as_float(grp[tt][2]) - MAGIC_F, sw1 * a.x, acc[tt][2]);
+                    acc[tt][3] = fmaf(__int_as_float(grp[tt][3]) - MAGIC_F, sw1 * a.y, acc[tt][3]);
+                }
+            }
+        }
+        if (has_chunk) {
+            unsigned w0[2] = {0u, 0u}, w1[2] = {0u, 0u};
+            if (o_in) shared_words<2>(slot0 + L.outliers + gid * k + o_off, w0);
+            if (o_in && two) shared_words<2>(slot1 + L.outliers + gid * k + o_off, w1);
+            const float osw0 = __half2float(reinterpret_cast<const __half*>(slot0 + L.oscales)[gid]);
+            const float osw1 =
+                two ? __half2float(reinterpret_cast<const __half*>(slot1 + L.oscales)[gid]) : 0.f;
+#pragma unroll
+            for (int tt = 0; tt < TILES; ++tt) {
+                int o[4] = {0, 0, 0, 0};
+                mma_s8(o, w0[0], w1[0], w0[1], w1[1], xo[tt][0], xo[tt][1]);
+                acc[tt][0] = fmaf((float)o[0], osw0 * so[tt].x, acc[tt][0]);
+                acc[tt][1] = fmaf((float)o[1], osw0 * so[tt].y, acc[tt][1]);
+                acc[tt][2] = fmaf((float)o[2], osw1 * so[tt].x, acc[tt][2]);
+                acc[tt][3] = fmaf((float)o[3], osw1 * so[tt].y, acc[tt][3]);
+            }
+        }
+        // Octet i: rows gid (acc 0, 1); octet i + 1: rows gid + 8 (acc 2, 3); tiles in z, w.
+        const float hi0 = TILES == 2 ? acc[TILES - 1][0] : 0.f, hi1 = TILES == 2 ? acc[TILES - 1][1] : 0.f;
+        const float hi2 = TILES == 2 ? acc[TILES - 1][2] : 0.f, hi3 = TILES == 2 ? acc[TILES - 1][3] : 0.f;
+        cta.partial[(s0 * CONSUMERS + warp) * 32 + lane] = make_float4(acc[0][0], acc[0][1], hi0, hi1);
+        if (two)
+            cta.partial[(s1 * CONSUMERS + warp) * 32 + lane] = make_float4(acc[0][2], acc[0][3], hi2, hi3);
+        __syncwarp();
+        if (lane == 0) {
+            mbar_arrive(smem_u32(cta.bars + 16 + s0));
+            if (two) mbar_arrive(smem_u32(cta.bars + 16 + s1));
+        }
+    }
+}
+
+#define DEFINE_GEMV(NAME, G, HI, GPW)                                                      \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 1) NAME(GEMV_ARGS) {       \
+        gemv<G, HI, GPW>(GEMV_PASS);                                                       \
+    }
+
+// GPW (groups a consumer warp holds): K - k <= 15 * GPW * G, i.e. 15360 columns (13440 for m16_g64,
+// where 16 groups a warp would spill).
+DEFINE_GEMV(w4a4_gemv_m8_g128, 128, false, 8)
+DEFINE_GEMV(w4a4_gemv_m8_g64, 64, false, 16)
+DEFINE_GEMV(w4a4_gemv_m16_g128, 128, true, 8)
+DEFINE_GEMV(w4a4_gemv_m16_g64, 64, true, 14)
+#define DEFINE_GEMV2(NAME, G, TILES, GPW)                                                  \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 1) NAME(GEMV_ARGS) {       \
+        gemv2<G, TILES, GPW>(GEMV_PASS);                                                   \
+    }
+DEFINE_GEMV2(w4a4_gemv2_m8_g128, 128, 1, 8)
+DEFINE_GEMV2(w4a4_gemv2_m8_g64, 64, 1, 16)
+DEFINE_GEMV2(w4a4_gemv2_m16_g128, 128, 2, 7)
+DEFINE_GEMV2(w4a4_gemv2_m16_g64, 64, 2, 12)
