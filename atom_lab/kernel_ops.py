@@ -49,17 +49,50 @@ GEMM_VARIANTS = {
     "ring_m32n16": (32, 16, 32 * SKINNY_WARPS),
 }
 RING_DEPTH = {"ring_m16n16": 4, "ring3_m16n16": 3, "ring_m16n32": 4, "ring_m32n16": 4}
+# Round 3, small M (kernels/w4a4_gemv.cu, sm_90): one CTA a SM streams its weight-row octets
+# through a ring of bulk copies; 15 consumer warps split K, activation fragments in registers.
+# variant -> (token tile, weight rows a ring slot, threads)
+# gemv2: weights as the mma A operand (two octets an mma), tokens as B; groups in pairs.
+GEMV_VARIANTS = {"gemv_m8": (8, 8, 512), "gemv_m16": (16, 8, 512),
+                 "gemv2_m8": (8, 8, 512), "gemv2_m16": (16, 8, 512)}
+GEMM_VARIANTS.update(GEMV_VARIANTS)
+GEMV_CONSUMERS, GEMV_MAX_SLOTS, GEMV_BARRIER_BYTES = 15, 8, 256  # as in the .cu file
+GEMV_PARTIAL_BYTES = GEMV_CONSUMERS * 32 * 16  # a slot's partial sums: one float4 a lane
+GEMV_MIN_WEIGHTS = 32 * 2**20  # choose_gemm_variant: gemv2 for M <= 8 from this N * K up
+GEMV_GROUPS_PER_WARP = {("gemv_m8", 128): 8, ("gemv_m8", 64): 16,
+                        ("gemv_m16", 128): 8, ("gemv_m16", 64): 14,
+                        ("gemv2_m8", 128): 8, ("gemv2_m8", 64): 16,
+                        ("gemv2_m16", 128): 7, ("gemv2_m16", 64): 12}
+# Large M on Hopper (sm_90a, kernels/w4a4_gemm_sm90.cu): wgmma s8 with activations from
+# registers, a producer warpgroup unpacking the weight tile into shared memory, two consumer
+# warpgroups. wg: each consumer folds one 64-column half while the other half's wgmmas run;
+# wgs: one m64n128 sum a group, folded after it completes (comparison).
+WG_VARIANTS = {"wg_m128": (128, 128, 384), "wgs_m128": (128, 128, 384)}
+GEMM_VARIANTS.update(WG_VARIANTS)
+GEMM_MODULES = {v: "w4a4_gemm_sm90" for v in WG_VARIANTS}  # others: "w4a4_gemm"
+WG_STAGES, WG_RING, WG_STAGE_K = 6, 4, 128  # as STAGES, RING, STAGE_K in the .cu file
+WG_MIN_M = 128  # choose_gemm_variant: wgmma from here up (measured: gemm_h100.md)
 
 # Quantize kernels: "row" (round 1) = one block a row, load then quantize; "ring" = persistent
 # blocks, each row staged by cp.async into one of two buffers while the previous one is quantized.
 # The suffix caps resident blocks a SM in the persistent grid (the default is the occupancy limit).
-QUANT_VARIANTS = {"row": None, "ring": 8, "ring_b4": 4, "ring_b2": 2, "ring_b1": 1}
-QUANT_RING_MAX_ROWS = 256  # "auto": ring up to here (10% faster), row above (0-12% faster)
+# "wide" (round 3) = the ring's persistent blocks with 16 columns a lane (a group's per-group work
+# shared by 4-8 groups a warp instruction), gather offsets staged once a block, half2 max/clamp.
+# "wide4": the same with 3 rows a block in flight instead of 1.
+QUANT_VARIANTS = {"row": None, "ring": 8, "ring_b4": 4, "ring_b2": 2, "ring_b1": 1, "wide": 8,
+                  "wide4": 8}
+WIDE_COLS = 512  # columns of one warp task in the wide kernel (32 lanes x 16)
+WIDE_BUFFERS = {"wide": 2, "wide4": 4}  # staged rows a block (as NBUF in the .cu file)
+QUANT_RING_MAX_ROWS = 256  # "auto": ring up to here (10% faster), row or wide above
+QUANT_WIDE_MIN_K = 8192  # above 256 rows, wide from this K (3-4% faster at K = 11008), else row
 
 
-def choose_quant_variant(m: int) -> str:
-    """The quantize kernel for M rows (same-run timings in experiments/results/gemm_h100_round2.md)."""
-    return "ring" if m <= QUANT_RING_MAX_ROWS else "row"
+def choose_quant_variant(m: int, k_total: int | None = None) -> str:
+    """The quantize kernel for M rows of K columns (same-run graph timings, round 3:
+    experiments/results/gemm_h100_round3_small.csv); without K, as for K = 4096."""
+    if m <= QUANT_RING_MAX_ROWS:
+        return "ring"
+    return "wide" if k_total is not None and k_total >= QUANT_WIDE_MIN_K else "row"
 SMEM_PER_SM = 227 * 1024
 REGS_PER_SM = 65536
 
@@ -112,13 +145,27 @@ def check_gemm_operands(a: MixedQuantized, w: MixedQuantized) -> tuple[int, int,
     return a.normal.shape[0], n, a.k_normal, a.k_outliers
 
 
-def choose_gemm_variant(m: int) -> str:
-    """The GEMM kernel for M rows (thresholds from experiments/results/gemm_h100.md)."""
-    if m <= 16:  # round 2's ring_m16n16 measured 3-13% slower (gemm_h100_round2.md)
+def choose_gemm_variant(m: int, n: int | None = None, k_total: int | None = None) -> str:
+    """The GEMM kernel for M rows (thresholds from experiments/results/gemm_h100.md and, for
+    M <= 16, the graph timings of round 3, gemm_h100_round3_small.csv). With the weight shape
+    (N, K) known, M <= 8 streams weights of N * K >= GEMV_MIN_WEIGHTS through gemv2 (5-16% faster
+    than skinny from 4096 x 11008 up; 10% slower at 4096 x 4096); mixed_gemm falls back to skinny
+    where gemv2 cannot run. 9 <= M <= 16: skinny (gemv2_m16 measured 15-40% slower)."""
+    if m <= 8 and n is not None and k_total is not None and n * k_total >= GEMV_MIN_WEIGHTS:
+        return "gemv2_m8"
+    if m <= 16:
         return "skinny_m16n16"
     if m <= 64:
         return "skinny_m32n16"
-    return "tc_m64"
+    return "wg_m128" if m >= WG_MIN_M and has_wgmma() else "tc_m64"
+
+
+@functools.lru_cache(maxsize=1)
+def has_wgmma() -> bool:
+    """True on a Hopper GPU (sm_90: wgmma needs the sm_90a target) with the kernel backend."""
+    from atom_lab.cuda import compute_capability, kernel_backend_available
+
+    return kernel_backend_available() and compute_capability() == (9, 0)
 
 
 def gemm_flops(m: int, n: int, k_total: int) -> int:
@@ -172,11 +219,21 @@ def _ptr(t: torch.Tensor | None) -> np.uint64:
     return np.uint64(0 if t is None else t.data_ptr())
 
 
+_SMEM_OPT_IN: dict[tuple[str, str], int] = {}
+
+
 @functools.lru_cache(maxsize=None)
+def _function(module: str, name: str):
+    return get_kernel(module, name)
+
+
 def _kernel(module: str, name: str, smem: int):
-    kernel = get_kernel(module, name)
-    if smem:  # above 48 KB a kernel must opt in to its dynamic shared memory
+    kernel = _function(module, name)
+    # Above 48 KB a kernel must opt in to its dynamic shared memory. The opt-in only grows: a
+    # launch with less still fits, and lowering it would break a later, larger launch.
+    if smem > _SMEM_OPT_IN.get((module, name), 0):
         kernel.max_dynamic_shared_size_bytes = smem
+        _SMEM_OPT_IN[(module, name)] = smem
     return kernel
 
 
@@ -268,9 +325,19 @@ def _quantize(kind: str, x, up, norm_weight, eps, k_outliers, bits, group_size, 
             _ptr(out.normal_scales), _ptr(out.outlier), _ptr(out.outlier_scales))
     name = f"{kind}_g{group_size}"
     if variant == "auto":
-        variant = choose_quant_variant(m)
+        variant = choose_quant_variant(m, k_total)
     if variant == "row":
         _launch("quantize", name, (m,), (QUANT_THREADS,), args, 2 * k_total, rows.device)
+        return out
+    if variant in WIDE_BUFFERS:
+        tasks = -(-kn // WIDE_COLS)
+        smem = (4 * (tasks * WIDE_COLS + 256)
+                + WIDE_BUFFERS[variant] * 2 * k_total * (2 if up is not None else 1))
+        capacity = _resident_blocks("quantize", f"{name}_{variant}", smem, QUANT_THREADS,
+                                    QUANT_VARIANTS[variant], rows.device)
+        rows_per_block = -(-m // capacity)  # balanced: every block takes the same number of rows
+        _launch("quantize", f"{name}_{variant}", (-(-m // rows_per_block),), (QUANT_THREADS,),
+                args + (np.int32(m),), smem, rows.device)
         return out
     smem = 2 * 2 * k_total * (2 if up is not None else 1)  # two buffers of the row (gate and up)
     grid = min(m, _resident_blocks("quantize", f"{name}_ring", smem, QUANT_THREADS,
@@ -333,6 +400,10 @@ def gemm_smem_bytes(variant: str, group_size: int, k_normal: int = 0) -> int:
         loads = 2 * (bm // 16) + bn // 8
         return (RING_DEPTH[variant] * loads * threads * group_size // 8
                 + 2 * (k_normal // group_size) * (bm + bn))
+    if variant in WG_VARIANTS:  # unpacked stages + their scales + mbarriers, packed ring, the
+        # tile's weight scales [bn, groups] fp16, alignment slack
+        return (WG_STAGES * (bn * WG_STAGE_K + 4 * 2 * bn + 16) + WG_RING * bn * 64
+                + 2 * bn * (k_normal // group_size) + 1024)
     if not variant.startswith("tc"):
         return 0  # static shared memory only
     groups_per_tile = 128 // group_size
@@ -344,12 +415,20 @@ def mixed_gemm(a: MixedQuantized, w: MixedQuantized, bias: torch.Tensor | None =
     """FP16 Y [M, N] = decode(a) @ decode(w)^T (+ bias), as formats.mixed_gemm_reference."""
     require_kernel_backend()
     m, n, kn, k = check_gemm_operands(a, w)
-    if variant == "auto":
-        variant = choose_gemm_variant(m)
+    auto = variant == "auto"
+    if auto:
+        variant = choose_gemm_variant(m, n, kn + k)
     if variant not in GEMM_VARIANTS:
         raise ValueError(f"variant={variant!r}: allowed 'auto' or {sorted(GEMM_VARIANTS)}")
     tensors = [a.normal, a.normal_scales, a.outlier, a.outlier_scales,
                w.normal, w.normal_scales, w.outlier, w.outlier_scales]
+    if variant in GEMV_VARIANTS:
+        try:
+            gemv_slots = gemv_plan(variant, kn, k, a.group_size, tensors)
+        except KernelShapeError:
+            if not auto:
+                raise
+            variant = "skinny_m16n16"
     for i, t in enumerate(tensors):
         if not t.is_cuda or not t.is_contiguous():
             raise ValueError(f"mixed_gemm operands must be contiguous CUDA tensors (operand {i}: "
@@ -368,12 +447,61 @@ def mixed_gemm(a: MixedQuantized, w: MixedQuantized, bias: torch.Tensor | None =
     if m == 0:
         return y
     bm, bn, threads = GEMM_VARIANTS[variant]
+    smem = gemm_smem_bytes(variant, a.group_size, kn)
+    if smem > SMEM_PER_SM:
+        raise KernelShapeError(f"variant={variant} with K-k={kn}, G={a.group_size} needs {smem} bytes "
+                               f"of shared memory (> {SMEM_PER_SM}); use tc_m64")
     grid = ((n + bn - 1) // bn, (m + bm - 1) // bm)
     args = tuple(_ptr(t) for t in tensors) + (_ptr(bias), _ptr(y), np.int32(m), np.int32(n),
                                               np.int32(kn), np.int32(k))
-    _launch("w4a4_gemm", f"w4a4_gemm_{variant}_g{a.group_size}", grid, (threads,), args,
-            gemm_smem_bytes(variant, a.group_size, kn), dev)
+    if variant in GEMV_VARIANTS:
+        _launch_gemv(variant, a.group_size, m, n, gemv_slots, args, dev)
+        return y
+    _launch(GEMM_MODULES.get(variant, "w4a4_gemm"), f"w4a4_gemm_{variant}_g{a.group_size}", grid,
+            (threads,), args, smem, dev)
     return y
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_opt_in_limit(index: int) -> int:
+    import cupy
+
+    return int(cupy.cuda.runtime.getDeviceProperties(index)["sharedMemPerBlockOptin"])
+
+
+def gemv_plan(variant: str, kn: int, k: int, group_size: int, tensors) -> int:
+    """Ring slots of a gemv launch; KernelShapeError (naming the reason) where it cannot run."""
+    ng = kn // group_size
+    most = GEMV_CONSUMERS * GEMV_GROUPS_PER_WARP[(variant, group_size)]
+    if ng > most:
+        raise KernelShapeError(f"{variant}: (K-k)/G = {ng} groups, the kernel holds at most {most}")
+    from atom_lab.cuda import compute_capability
+
+    if compute_capability() < (9, 0):
+        raise KernelShapeError(f"{variant}: bulk copies need sm_90 or newer, the GPU is "
+                               f"sm_{''.join(map(str, compute_capability()))}")
+    for i, t in enumerate(tensors):
+        if t.data_ptr() % 16:
+            raise KernelShapeError(f"{variant}: operand {i} is not 16-byte aligned")
+    index = tensors[0].device.index if tensors[0].device.index is not None else 0
+    slot = 8 * (kn // 2) + 16 * ng + 8 * k + 16  # an octet of weight rows, as SlotLayout
+    slots = min(GEMV_MAX_SLOTS, (_smem_opt_in_limit(index) - GEMV_BARRIER_BYTES)
+                // (slot + GEMV_PARTIAL_BYTES))
+    if slots < 2:
+        raise KernelShapeError(f"{variant}: K-k={kn} makes a {slot}-byte ring slot; two do not fit "
+                               f"in {_smem_opt_in_limit(index)} bytes of shared memory")
+    return slots
+
+
+def _launch_gemv(variant: str, group_size: int, m: int, n: int, slots: int, args, dev) -> None:
+    """One CTA a SM (at most one an octet of weight rows), a row of CTAs a token tile. It asks for
+    the whole shared memory whatever the slots use: one opt-in value, and one CTA a SM anyway."""
+    tile, octet, threads = GEMV_VARIANTS[variant]
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    sms = torch.cuda.get_device_properties(index).multi_processor_count
+    grid = (min(sms, (n + octet - 1) // octet), (m + tile - 1) // tile)
+    _launch("w4a4_gemv", f"w4a4_{variant}_g{group_size}", grid, (threads,), args + (np.int32(slots),),
+            _smem_opt_in_limit(index), dev)
 
 
 def quantized_linear(x: torch.Tensor, w: MixedQuantized, clip: float = 1.0,
@@ -398,6 +526,37 @@ def mma_s8_peak_tops(iters: int = 4096, blocks_per_sm: int = 4, warps: int = 8) 
     launch()
     torch.cuda.synchronize()
     ops = 2 * 16 * 8 * 32 * 8 * iters * blocks * warps  # 8 chains a warp
+    rates = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        launch()
+        end.record()
+        end.synchronize()
+        rates.append(ops / (start.elapsed_time(end) * 1e-3) / 1e12)
+    return sorted(rates)[1]
+
+
+def wgmma_s8_peak_tops(form: str = "ss", iters: int = 2048) -> float:
+    """Measured INT8 wgmma rate (TOPS) of the current Hopper GPU, shared-memory resident.
+
+    form "ss": m64n256k32, both operands from shared memory (the largest tile); "rs": the W4A4
+    GEMM's own m64n128k32 with A from registers. Three warpgroups a CTA, one CTA a SM."""
+    if form not in ("ss", "rs"):
+        raise ValueError(f"form={form!r}: allowed 'ss' or 'rs'")
+    require_kernel_backend()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    seed = torch.randint(1, 2**31 - 1, (32,), dtype=torch.int64, device=dev).to(torch.int32)
+    threads, smem = 3 * 128, (64 + 256) * 128 + 1024
+    out = torch.empty(sms * threads, dtype=torch.int32, device=dev)
+    args = (_ptr(seed), np.int32(iters), _ptr(out))
+    launch = lambda: _launch("w4a4_gemm_sm90", f"wgmma_s8_peak_{form}", (sms,), (threads,), args,
+                             smem, dev)
+    launch()
+    torch.cuda.synchronize()
+    n = 256 if form == "ss" else 128
+    ops = 2 * 64 * n * 32 * 4 * iters * 3 * sms  # 4 k32 steps an iteration, 3 warpgroups a CTA
     rates = []
     for _ in range(3):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

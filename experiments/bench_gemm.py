@@ -14,8 +14,12 @@ One call does everything, in this order:
    GEMM (every variant, and the dispatched one), both; cuBLAS FP16 (torch.matmul); W8A8
    (torch._int_mm alone, and with the per-token x per-channel scale epilogue in torch).
    Each row's floor = max(2MNK / INT8 rate, bytes / HBM bandwidth).
-Timing: CUDA events around a batch of launches queued behind a GPU spin (so Python launch cost
-never shows), inputs rotated over enough copies to exceed 3x the L2, median of 7 batches.
+Timing: rows with M <= 64 (every contender of the row) and every quantize measurement replay a
+captured CUDA graph of many calls (METHOD.md: small launches; launch gaps as in a graph-captured
+decode step); larger rows use CUDA events around a batch of launches queued behind a GPU spin (so
+Python launch cost never shows). Inputs rotate over enough copies to exceed 3x the L2; median of 7.
+The `timing` column says which. `--small` runs only the small-M rows (M = 1, 16) and the quantize
+kernels at every M, checking only those kernels (round 3's runs).
 Writes gemm_<gpu>.csv, gemm_<gpu>_variants.csv, gemm_<gpu>.md, gemm_<gpu>.png, gemm_<gpu>_log.txt.
 """
 from __future__ import annotations
@@ -43,6 +47,7 @@ MS = [1, 16, 64, 256, 1024, 4096]
 OUTLIERS, GROUP, A_CLIP = 128, 128, 0.9
 ROTATE_BYTES = 150e6  # > 3x the 50 MB L2
 TRIALS = 7
+GRAPH_MAX_M = 64  # rows up to here are timed through CUDA graphs (kernels of a few microseconds)
 SPIN_CYCLES_PER_MS = 2.0e6  # an upper bound of the SM clock: the spin lasts at least as long
 LOG: list[str] = []
 
@@ -94,7 +99,7 @@ QUANT_CASES = [  # (M, K, k, G, bits, clip, gather)
     (300, 11008, 128, 128, 4, 0.9, True),
 ]
 # row = round 1; ring = persistent double-buffered; ring_b1 = one block a SM (many rows a block)
-CHECK_QUANT_VARIANTS = ("row", "ring", "ring_b1")
+CHECK_QUANT_VARIANTS = ("row", "ring", "ring_b1", "wide", "wide4")
 GEMM_CASES = [  # (M, N, K, k, G, bias)
     (1, 256, 1024, 128, 128, False),
     (7, 384, 1152, 128, 64, True),
@@ -104,6 +109,8 @@ GEMM_CASES = [  # (M, N, K, k, G, bias)
     (130, 384, 1104, 16, 64, False),
     (257, 640, 1056, 32, 128, True),
     (1000, 256, 4224, 128, 128, False),
+    (1000, 1030, 2112, 64, 64, True),  # large M, N not a multiple of 128, group 64
+    (4133, 520, 2176, 256, 128, False),  # M > 4096 (the wgmma kernels' M edge), two outlier stages
 ]
 
 
@@ -157,7 +164,7 @@ def check_gemm() -> bool:
         ref = decode_mixed(a, torch.float64) @ decode_mixed(w, torch.float64).T
         if bias is not None:
             ref += bias.double()
-        for variant in ko.GEMM_VARIANTS:
+        for variant in SMALL_VARIANTS if SMALL_ONLY else runnable_variants():
             y = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
             ko.mixed_gemm(a, w, bias, variant=variant, out=y)
             torch.cuda.synchronize()
@@ -208,6 +215,43 @@ def timed(calls, min_batch_ms: float = 3.0) -> float:
     return statistics.median(results) * 1e3
 
 
+def timed_graph(calls, target_ms: float = 8.0) -> float:
+    """Median GPU microseconds of one call from replays of one captured CUDA graph that holds
+    `reps` passes over calls (cycled: inputs rotate); warm-up first, outside the capture."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for c in calls:
+        c()
+    end.record()
+    end.synchronize()
+    reps = int(min(max(target_ms / max(start.elapsed_time(end), 1e-3), 1), max(1, 2000 // len(calls))))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # torch's recipe: a side-stream warm-up before capture
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for c in calls:
+                c()
+    graph.replay()
+    torch.cuda.synchronize()
+    results = []
+    for _ in range(TRIALS):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        results.append(start.elapsed_time(end) / (reps * len(calls)))
+    del graph
+    return statistics.median(results) * 1e3
+
+
 def copies(nbytes: float) -> int:
     return int(min(max(math.ceil(ROTATE_BYTES / max(nbytes, 1)), 1), 64))
 
@@ -245,9 +289,39 @@ def int_mm_padded(x8: torch.Tensor, w8t: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(pad, w8t)[: x8.shape[0]]
 
 
+SMALL_ONLY = False  # --small: round 1 and 2's dispatched small-M kernels against round 3's gemv
+SMALL_VARIANTS = ("skinny_m16n16", "ring_m16n16", "gemv_m8", "gemv_m16", "gemv2_m8", "gemv2_m16")
+
+
+def runnable_variants() -> list[str]:
+    """Every GEMM variant this GPU runs (the wgmma ones need sm_90a)."""
+    return [v for v in ko.GEMM_VARIANTS if v not in ko.WG_VARIANTS or ko.has_wgmma()]
+
+
 def applicable_variants(m: int) -> list[str]:
-    return [v for v in ko.GEMM_VARIANTS
-            if v.startswith("tc") or (m <= 256 and v.startswith("skinny")) or m <= 64]
+    if SMALL_ONLY:
+        return list(SMALL_VARIANTS)
+    return [v for v in runnable_variants()
+            if (v.startswith(("tc", "wg")) or (m <= 256 and v.startswith("skinny")) or m <= 64)
+            and not (v.startswith("gemv") and m > 16)]  # gemv: one token tile a launch row
+
+
+def bench_quantize_only(k_total: int, ms: list, ceil: dict, variant_rows: list) -> None:
+    """--small: every quantize variant at larger M (the GEMMs there are the large-M rows' job)."""
+    kn = k_total - OUTLIERS
+    idx = torch.randperm(k_total, device="cuda").int()
+    for m in ms:
+        xs = [activations(m, k_total) for _ in range(min(copies(m * k_total * 2), 8))]
+        quant_bytes = 2 * m * k_total + ko.mixed_bytes(m, kn, OUTLIERS, GROUP) + 4 * k_total
+        for v in ko.QUANT_VARIANTS:
+            t = timed_graph([lambda x=x, v=v: ko.quantize_mixed(x, OUTLIERS, 4, GROUP, A_CLIP, idx,
+                                                                variant=v) for x in xs])
+            variant_rows.append({"K": k_total, "N": 0, "M": m, "variant": f"quant_{v}", "us": t,
+                                 "tops": 100 * quant_bytes / (t * 1e3) / ceil["hbm_gbps"],
+                                 "chosen": int(v == ko.choose_quant_variant(m, k_total)), "timing": "graph"})
+        done = variant_rows[-len(ko.QUANT_VARIANTS):]
+        log(f"K={k_total:5d} M={m:4d} quant "
+            + " ".join(f"{r['variant'][6:]}={r['us']:.1f}us({r['tops']:.0f}%)" for r in done))
 
 
 def bench_shape(k_total: int, n: int, ceil: dict, rows: list, variant_rows: list) -> None:
@@ -270,51 +344,54 @@ def bench_shape(k_total: int, n: int, ceil: dict, rows: list, variant_rows: list
         sx = [int8_weight(x)[1][:, None] for x in xs]
         s8row = s8[None, :]
 
-        t_qvar = {v: timed([lambda x=x, v=v: ko.quantize_mixed(x, OUTLIERS, 4, GROUP, A_CLIP, idx,
-                                                               variant=v) for x in xs])
+        timer = timed_graph if m <= GRAPH_MAX_M else timed  # one method for every contender
+        t_qvar = {v: timed_graph([lambda x=x, v=v: ko.quantize_mixed(x, OUTLIERS, 4, GROUP, A_CLIP,
+                                                                     idx, variant=v) for x in xs])
                   for v in ko.QUANT_VARIANTS}
-        t_quant = t_qvar[ko.choose_quant_variant(m)]
+        t_quant = t_qvar[ko.choose_quant_variant(m, k_total)]
         t_var = {}
         for v in applicable_variants(m):
-            t_var[v] = timed([lambda a=aqs[i % len(aqs)], w=wqs[i % len(wqs)], v=v:
+            t_var[v] = timer([lambda a=aqs[i % len(aqs)], w=wqs[i % len(wqs)], v=v:
                               ko.mixed_gemm(a, w, variant=v) for i in range(pairs)])
-        auto = ko.choose_gemm_variant(m)
+        auto = ko.choose_gemm_variant(m, n, k_total)
         t_gemm = t_var[auto]
-        t_both = timed([lambda x=xs[i % len(xs)], w=wqs[i % len(wqs)]:
+        t_both = timer([lambda x=xs[i % len(xs)], w=wqs[i % len(wqs)]:
                         ko.quantized_linear(x, w, A_CLIP, idx) for i in range(pairs)])
         big = max(len(xs), len(w16ts))
-        t_f16 = timed([lambda x=xs[i % len(xs)], wt=w16ts[i % len(w16ts)]: torch.matmul(x, wt)
+        t_f16 = timer([lambda x=xs[i % len(xs)], wt=w16ts[i % len(w16ts)]: torch.matmul(x, wt)
                        for i in range(big)])
         big = max(len(x8s), len(w8ts))
-        t_int = timed([lambda x=x8s[i % len(x8s)], wt=w8ts[i % len(w8ts)]: int_mm_padded(x, wt)
+        t_int = timer([lambda x=x8s[i % len(x8s)], wt=w8ts[i % len(w8ts)]: int_mm_padded(x, wt)
                        for i in range(big)])
-        t_w8a8 = timed([lambda j=i % len(x8s), wt=w8ts[i % len(w8ts)]:
+        t_w8a8 = timer([lambda j=i % len(x8s), wt=w8ts[i % len(w8ts)]:
                         (int_mm_padded(x8s[j], wt) * sx[j]).mul_(s8row).half() for i in range(big)])
 
         ops = ko.gemm_flops(m, n, k_total)
         gemm_bytes = a_bytes + w_bytes + 2 * m * n
-        floor_us = max(ops / (ceil["int8_mma_tops"] * 1e6), gemm_bytes / (ceil["hbm_gbps"] * 1e3))
+        floor_us = max(ops / (ceil["int8_peak_tops"] * 1e6), gemm_bytes / (ceil["hbm_gbps"] * 1e3))
         quant_bytes = 2 * m * k_total + a_bytes + 4 * k_total
         row = {
             "K": k_total, "N": n, "M": m, "variant": auto,
+            "timing": "graph" if timer is timed_graph else "events",
             "quant_us": t_quant, "quant_hbm_pct": 100 * quant_bytes / (t_quant * 1e3) / ceil["hbm_gbps"],
             "gemm_us": t_gemm, "gemm_tops": ops / t_gemm / 1e6,
             "both_us": t_both, "cublas_fp16_us": t_f16, "int_mm_us": t_int, "w8a8_us": t_w8a8,
-            "floor_us": floor_us, "floor_bound": "compute" if ops / (ceil["int8_mma_tops"] * 1e6)
+            "floor_us": floor_us, "floor_bound": "compute" if ops / (ceil["int8_peak_tops"] * 1e6)
             > gemm_bytes / (ceil["hbm_gbps"] * 1e3) else "memory",
             "gemm_vs_cublas": t_f16 / t_gemm, "gemm_vs_w8a8": t_w8a8 / t_gemm,
             "gemm_vs_int_mm": t_int / t_gemm, "both_vs_cublas": t_f16 / t_both,
-            "gemm_pct_int8_peak": 100 * (ops / t_gemm / 1e6) / ceil["int8_mma_tops"],
+            "gemm_pct_int8_peak": 100 * (ops / t_gemm / 1e6) / ceil["int8_peak_tops"],
             "gemm_pct_floor": 100 * floor_us / t_gemm,
         }
         rows.append(row)
         for v, t in t_var.items():
             variant_rows.append({"K": k_total, "N": n, "M": m, "variant": v, "us": t,
-                                 "tops": ops / t / 1e6, "chosen": int(v == auto)})
+                                 "tops": ops / t / 1e6, "chosen": int(v == auto),
+                                 "timing": row["timing"]})
         for v, t in t_qvar.items():  # quantize variants: "tops" column holds % of HBM here
             variant_rows.append({"K": k_total, "N": n, "M": m, "variant": f"quant_{v}", "us": t,
                                  "tops": 100 * quant_bytes / (t * 1e3) / ceil["hbm_gbps"],
-                                 "chosen": int(v == ko.choose_quant_variant(m))})
+                                 "chosen": int(v == ko.choose_quant_variant(m, k_total)), "timing": "graph"})
         log(f"K={k_total:5d} N={n:5d} M={m:4d} quant {t_quant:7.1f}us ({row['quant_hbm_pct']:4.0f}% hbm)"
             f" gemm[{auto}] {t_gemm:7.1f}us ({row['gemm_tops']:6.0f} TOPS) both {t_both:7.1f}"
             f" | fp16 {t_f16:7.1f} int_mm {t_int:7.1f} w8a8 {t_w8a8:7.1f} floor {floor_us:6.1f}"
@@ -326,19 +403,54 @@ def bench_shape(k_total: int, n: int, ceil: dict, rows: list, variant_rows: list
 
 
 def profile_target() -> None:
-    """A few launches of each kernel at one size, for `ncu -k regex:... python3 bench_gemm.py
-    --profile-target` (stall reasons, occupancy, achieved bandwidth): the skinny GEMM of rounds 1
-    and 2 at M = 16, and the quantize kernels of rounds 1 and 2 at M = 4096 (K = N = 4096)."""
-    k_total, n = 4096, 4096
-    w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.02).half(), OUTLIERS, 4, GROUP, 0.85)
-    idx = torch.randperm(k_total, device="cuda").int()
-    a = ko.quantize_mixed(activations(16, k_total), OUTLIERS, 4, GROUP, A_CLIP, idx)
-    for v in ("skinny_m16n16", "ring_m16n16"):
-        ko.mixed_gemm(a, w, variant=v)
-    x = activations(4096, k_total)
-    for v in ("row", "ring"):
-        ko.quantize_mixed(x, OUTLIERS, 4, GROUP, A_CLIP, idx, variant=v)
+    """A few launches for `ncu -k regex:'gemv|skinny|quantize' python3 bench_gemm.py
+    --profile-target` (duration, DRAM and issue rates, stall reasons, shared-memory wavefronts):
+    round 3's small-M kernels against skinny (round 1) at M = 1 and 16 for (K, N) = (4096, 4096)
+    and (11008, 4096), and the quantize kernels row / wide / wide4 at M = 1024 and 4096."""
+    for k_total, n in ((4096, 4096), (11008, 4096)):
+        w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.02).half(), OUTLIERS, 4, GROUP,
+                         0.85)
+        idx = torch.randperm(k_total, device="cuda").int()
+        for m, variants in ((1, ("skinny_m16n16", "gemv_m8", "gemv2_m8")),
+                            (16, ("skinny_m16n16", "gemv_m16", "gemv2_m16"))):
+            a = ko.quantize_mixed(activations(m, k_total), OUTLIERS, 4, GROUP, A_CLIP, idx)
+            for v in variants:
+                ko.mixed_gemm(a, w, variant=v)
+        for m in (1024, 4096):
+            x = activations(m, k_total)
+            for v in ("row", "wide", "wide4"):
+                ko.quantize_mixed(x, OUTLIERS, 4, GROUP, A_CLIP, idx, variant=v)
     torch.cuda.synchronize()
+
+
+NCU_KEYS = {"Duration": "us", "DRAM Throughput": "dram%", "Issued Warp Per Scheduler": "ipc",
+            "Achieved Occupancy": "occ%", "l1tex__data_pipe_lsu_wavefronts_mem_shared.sum": "smem_wf",
+            "smsp__inst_executed.sum": "inst", "dram__bytes_read.sum": "dram_rd"}
+
+
+def summarize_ncu(path: str) -> None:
+    """One line a profiled kernel from `ncu --csv --page details`: duration, DRAM %, issue rate,
+    occupancy, shared-memory wavefronts, instructions and the three largest stall reasons."""
+    lines = [ln for ln in Path(path).read_text().splitlines() if ln.startswith('"')]
+    table = list(csv.reader(lines))
+    header, kernels = table[0], {}
+    for r in table[1:]:
+        d = dict(zip(header, r))
+        key = (d["ID"], d["Kernel Name"][:28], d["Grid Size"])
+        val = d["Metric Value"].replace(",", "")
+        try:
+            val = float(val)
+        except ValueError:
+            continue
+        if d["Metric Name"] == "Duration" and d["Metric Unit"] == "ns":
+            val /= 1e3
+        kernels.setdefault(key, {})[d["Metric Name"]] = val
+    for (_, name, grid), mets in kernels.items():
+        stalls = sorted(((v, k.split("stalled_")[1].split("_per_issue")[0]) for k, v in mets.items()
+                         if "issue_stalled_" in k), reverse=True)[:3]
+        print(f"{name:28s} {grid:14s} " + " ".join(
+            f"{short}={mets[k]:.4g}" for k, short in NCU_KEYS.items() if k in mets)
+            + " | " + " ".join(f"{n}={v:.2f}" for v, n in stalls))
 
 
 # --------------------------------------------------------------------------------------- SASS
@@ -409,12 +521,18 @@ def write_outputs(out: Path, slug: str, device: str, ceil: dict, rows: list, var
           "Ceilings measured in the same run:", "",
           f"- HBM bandwidth (device-to-device copy, read + write): {ceil['hbm_gbps']:.0f} GB/s",
           f"- INT8 mma.sync m16n8k32 (register resident): {ceil['int8_mma_tops']:.0f} TOPS",
+          *([f"- INT8 wgmma (shared-memory resident): m64n256k32 both operands from shared memory "
+             f"{ceil['wgmma_ss_tops']:.0f} TOPS; m64n128k32 with A from registers (the W4A4 "
+             f"kernel's instruction) {ceil['wgmma_rs_tops']:.0f} TOPS"] if "wgmma_ss_tops" in ceil
+            else []),
+          f"- INT8 peak used for '% INT8 peak' and the floor: the highest of these, "
+          f"{ceil['int8_peak_tops']:.0f} TOPS",
           f"- torch._int_mm 8192^3: {ceil['int_mm_8192_tops']:.0f} TOPS; cuBLAS FP16 8192^3: "
           f"{ceil['cublas_fp16_8192_tflops']:.0f} TFLOP/s", "",
           f"Correctness pass: quantize {'PASS' if correct['quantize'] else 'FAIL'}, "
           f"GEMM {'PASS' if correct['gemm'] else 'FAIL'} (see the log).", "",
           "W8A8 = torch._int_mm + per-token x per-channel scale epilogue in torch (unfused); "
-          "_int_mm = the INT8 GEMM alone (int32 out). Floor = max(2MNK / INT8 mma rate, bytes of "
+          "_int_mm = the INT8 GEMM alone (int32 out). Floor = max(2MNK / INT8 peak, bytes of "
           "packed A + packed W + FP16 Y / HBM bandwidth). Ratios > 1: ours faster.", "",
           "| " + " | ".join(c[1] for c in COLUMNS) + " |",
           "|" + "---|" * len(COLUMNS)]
@@ -451,22 +569,55 @@ def plot(path: Path, device: str, rows: list) -> None:
     fig.savefig(path, dpi=120)
 
 
+def write_small(out: Path, slug: str, rows: list, variant_rows: list) -> None:
+    """--small: the per-variant CSV and the small-M rows (CSV), and a short table printed last."""
+    for name, data in ((f"gemm_{slug}_round3_small.csv", variant_rows),
+                       (f"gemm_{slug}_round3_small_rows.csv", rows)):
+        with open(out / name, "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(data[0]))
+            wr.writeheader()
+            wr.writerows(data)
+    (out / f"gemm_{slug}_round3_small_log.txt").write_text("\n".join(LOG) + "\n")
+    print(f"\n{'K':>5} {'N':>5} {'M':>3} {'kernel':>9} {'us':>6} {'fp16':>6} {'x':>5} {'w8a8 x':>6} "
+          f"{'intmm x':>7} {'both':>6} {'quant':>6} {'floor%':>6}")
+    for r in rows:
+        print(f"{r['K']:5d} {r['N']:5d} {r['M']:3d} {r['variant']:>9} {r['gemm_us']:6.1f} "
+              f"{r['cublas_fp16_us']:6.1f} {r['gemm_vs_cublas']:5.2f} {r['gemm_vs_w8a8']:6.2f} "
+              f"{r['gemm_vs_int_mm']:7.2f} {r['both_us']:6.1f} {r['quant_us']:6.1f} "
+              f"{r['gemm_pct_floor']:6.0f}")
+    quant = [r for r in variant_rows if r["variant"].startswith("quant_") and r["M"] >= 256]
+    names = list(dict.fromkeys(r["variant"] for r in quant))
+    print(f"\n{'K':>5} {'M':>4} " + " ".join(f"{v[6:]:>12}" for v in names) + "   (us, % HBM)")
+    for key in dict.fromkeys((r["K"], r["M"]) for r in quant):
+        sel = {r["variant"]: r for r in quant if (r["K"], r["M"]) == key}
+        print(f"{key[0]:5d} {key[1]:4d} " + " ".join(
+            f"{sel[v]['us']:6.1f} ({sel[v]['tops']:2.0f}%)" for v in names))
+
+
 def main() -> int:
-    global MS, SHAPES
+    global MS, SHAPES, SMALL_ONLY
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="experiments/results")
     parser.add_argument("--quick", action="store_true", help="two shapes, three M values")
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--sass", action="store_true", help="static SASS mix of the GEMM kernels")
     parser.add_argument("--profile-target", action="store_true", help="only launch kernels for ncu")
+    parser.add_argument("--ncu-summary", metavar="CSV", help="summarize an ncu --csv report")
+    parser.add_argument("--small", action="store_true",
+                        help="small-M rows (M = 1, 16) and the quantize kernels at every M only")
     args = parser.parse_args()
     if args.profile_target:
         profile_target()
+        return 0
+    if args.ncu_summary:
+        summarize_ncu(args.ncu_summary)
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.quick:
         SHAPES, MS = SHAPES[:2], [1, 16, 4096]
+    if args.small:
+        MS, SMALL_ONLY = [1, 16], True
     device = torch.cuda.get_device_name()
     slug = (re.search(r"[AHBL]\d{2,3}", device) or re.search(r"\w+", device)).group(0).lower()
     torch.manual_seed(0)
@@ -479,12 +630,24 @@ def main() -> int:
         log(f"correctness: quantize {correct['quantize']}, gemm {correct['gemm']} "
             f"({time.time() - t0:.0f}s)")
     ceil = {"hbm_gbps": hbm_bandwidth(), "int8_mma_tops": ko.mma_s8_peak_tops()}
-    ceil.update(library_peaks())
+    if ko.has_wgmma():
+        ceil.update(wgmma_ss_tops=ko.wgmma_s8_peak_tops("ss"), wgmma_rs_tops=ko.wgmma_s8_peak_tops("rs"))
+    ceil["int8_peak_tops"] = max(v for key, v in ceil.items() if key.endswith("tops")
+                                 and key.startswith(("int8", "wgmma")))
+    if not args.small:
+        ceil.update(library_peaks())
     log("ceilings: " + ", ".join(f"{k}={v:.0f}" for k, v in ceil.items()))
     rows, variant_rows = [], []
     for k_total, n in SHAPES:
         bench_shape(k_total, n, ceil, rows, variant_rows)
         torch.cuda.empty_cache()
+    if args.small:
+        for k_total in dict.fromkeys(k for k, _ in SHAPES):
+            bench_quantize_only(k_total, [256, 1024, 4096], ceil, variant_rows)
+            torch.cuda.empty_cache()
+        log(f"total {time.time() - t0:.0f}s")
+        write_small(out, slug, rows, variant_rows)
+        return 0 if all(v in (None, True) for v in correct.values()) else 1
     write_outputs(out, slug, device, ceil, rows, variant_rows, correct)
     if args.sass:
         sass_mix(out, slug)

@@ -6,6 +6,7 @@ and poisoned outputs; they skip without CuPy and a CUDA GPU. The shape checks ru
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,6 +92,9 @@ def test_dispatch_covers_every_m():
     for m in range(1, 8193):
         assert ko.choose_gemm_variant(m) in ko.GEMM_VARIANTS
         assert ko.choose_quant_variant(m) in ko.QUANT_VARIANTS
+        for n, k_total in ((4096, 4096), (11008, 4096), (4096, 11008), (250, 1104)):
+            assert ko.choose_gemm_variant(m, n, k_total) in ko.GEMM_VARIANTS
+            assert ko.choose_quant_variant(m, k_total) in ko.QUANT_VARIANTS
 
 
 def test_quantize_refuses_an_unknown_variant():
@@ -144,7 +148,7 @@ def test_quantize_kernel_is_bit_exact(variant, m, k_total, k, group, bits, clip,
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["row", "ring", "ring_b1"])
+@pytest.mark.parametrize("variant", ["row", "ring", "ring_b1", "wide", "wide4"])
 @pytest.mark.parametrize("kind", ["rmsnorm", "silu_mul"])
 @pytest.mark.parametrize("group", [64, 128])
 def test_fused_quantize_kernels_match_the_fp16_producer(kind, group, variant):
@@ -182,6 +186,8 @@ def test_fused_quantize_kernels_match_the_fp16_producer(kind, group, variant):
     (257, 640, 1056, 32, 128, False),
 ])
 def test_gemm_matches_the_format_reference(variant, m, n, k_total, k, group, with_bias):
+    if variant in ko.WG_VARIANTS and not ko.has_wgmma():
+        pytest.skip("wgmma kernels need a Hopper GPU (sm_90a)")
     a = encode_mixed(_acts(m, k_total), k, 4, group, 0.9)
     w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.05).half(), k, 4, group, 0.85)
     bias = torch.randn(n, device="cuda").half() if with_bias else None
@@ -253,3 +259,179 @@ def test_kernel_backend_layers_match_fake_quant_layers():
         errors["o_proj"] = rel(r_layer.self_attn.o_proj(h), f_layer.self_attn.o_proj(h))
         errors["down_proj"] = rel(r_layer.mlp.down_proj(z), f_layer.mlp.down_proj(z))
     assert all(e < 3e-3 for e in errors.values()), errors
+
+
+# ------------------------------------------------------------- round 3: input-side clamp, gemv
+
+
+@pytest.mark.parametrize("qmax", [7, 3, 1, 127])
+def test_clamping_the_input_gives_the_reference_codes(qmax):
+    """The wide quantize kernel clamps x (fp16) to [B_lo, B_hi] = [max(-(qmax+1) s, -65504),
+    fp16(qmax s)] BEFORE dividing, instead of clamping rint(x / s). Checked here for every finite
+    fp16 x against scales spanning the whole reachable range (1e-5 .. 65504 / qmax, subnormal fp16
+    scales included): the codes are identical to torch.round(x / s).clamp(-(qmax+1), qmax)."""
+    bits = torch.arange(0, 0x7C00, dtype=torch.int32)  # finite non-negative fp16
+    x = torch.cat([bits, bits | 0x8000]).to(torch.int16).view(torch.float16).float()
+    lo_s, hi_s = torch.tensor([1e-5, 65504.0 / qmax]).half().view(torch.int16).tolist()
+    s_bits = torch.unique(torch.cat([torch.linspace(lo_s, hi_s, 300).round().to(torch.int16),
+                                     torch.tensor([lo_s, hi_s], dtype=torch.int16)]))
+    for s16 in s_bits.view(torch.float16):
+        s = s16.float()
+        b_hi = (qmax * s).half().float()
+        b_lo = torch.clamp(-(qmax + 1) * s, min=-65504.0).half().float()
+        ours = torch.round(torch.minimum(torch.maximum(x, b_lo), b_hi) / s)
+        ref = torch.round(x / s).clamp(-(qmax + 1), qmax)
+        assert torch.equal(ours, ref), f"scale {s.item()!r}"
+
+
+def test_gemv_refuses_more_groups_than_its_registers_hold():
+    most = ko.GEMV_CONSUMERS * ko.GEMV_GROUPS_PER_WARP[("gemv_m8", 128)]
+    with pytest.raises(ko.KernelShapeError, match=f"{most + 1} groups"):
+        ko.gemv_plan("gemv_m8", (most + 1) * 128, 128, 128, [])
+
+
+def _tie_and_extreme_rows(k_total: int, k: int) -> torch.Tensor:
+    """Rows whose groups hit exact rounding ties (x / s = n + 1/2 for s = 1, 2, 3), fp16 extremes
+    (+-65504, clipped codes), all-zero groups (scale 1e-5) and subnormal values."""
+    kn = k_total - k
+    rows = []
+    for scale in (1.0, 2.0, 3.0):
+        ties = torch.arange(-8, 8).float() + 0.5
+        g = (ties * scale).repeat(kn // 16)[:kn]
+        g[::64] = 7 * scale  # absmax 7 s: the group scale is exactly s
+        rows.append(g)
+    big = torch.linspace(-65504, 65504, kn)
+    rows.append(big)
+    rows.append(torch.zeros(kn))
+    rows.append(torch.linspace(-6e-5, 6e-5, kn))
+    x = torch.stack(rows)
+    out = torch.randn(x.shape[0], k) * 10
+    out[0, :] = torch.arange(k).float() - k / 2 + 0.5  # ties in the INT8 block too
+    return torch.cat([x, out], 1).half()
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", sorted(ko.QUANT_VARIANTS))
+@pytest.mark.parametrize("clip", [1.0, 0.5])
+def test_quantize_kernels_match_the_reference_at_ties_and_extremes(variant, clip):
+    k_total, k = 1152, 128
+    x = _tie_and_extreme_rows(k_total, k).cuda()
+    ref = encode_mixed(x.cpu(), k, 4, 128, clip)
+    out = _poisoned(x.shape[0], k_total - k, k, 128, 4, 0xFF)
+    ko.quantize_mixed(x, k, 4, 128, clip, None, out=out, variant=variant)
+    agree = ko.mixed_agreement(out, ref)
+    assert all(v == 1.0 for key, v in agree.items() if key.endswith("equal")), agree
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", sorted(ko.GEMV_VARIANTS))
+@pytest.mark.parametrize("m,n,k_total,k,group,with_bias", [
+    (1, 264, 1152, 128, 128, True),
+    (5, 1056, 2176, 0, 64, False),
+    (8, 200, 1280, 256, 128, True),    # N % 8 != 0: the last octet is copied without bulk copies
+    (9, 512, 1104, 16, 64, False),
+    (16, 11008, 4224, 128, 128, True),  # 11 octets a CTA: the 8-slot ring wraps around
+    (13, 2112, 12800, 256, 128, False),  # 98 groups: 7 a consumer warp
+    (37, 96, 1152, 128, 128, True),    # several token tiles (gridDim.y)
+])
+def test_gemv_matches_the_format_reference(variant, m, n, k_total, k, group, with_bias):
+    a = encode_mixed(_acts(m, k_total), k, 4, group, 0.9)
+    w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.05).half(), k, 4, group, 0.85)
+    bias = torch.randn(n, device="cuda").half() if with_bias else None
+    ref = decode_mixed(a, torch.float64) @ decode_mixed(w, torch.float64).T
+    if bias is not None:
+        ref += bias.double()
+    for _ in range(2):  # fresh poison each time: a race would show as a moving error
+        y = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+        ko.mixed_gemm(a, w, bias, variant=variant, out=y)
+        assert torch.isfinite(y).all(), "some outputs were never written"
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-3, f"relative Frobenius error {err:.2e}"
+
+
+@gpu
+@pytest.mark.gpu
+def test_auto_dispatch_falls_back_where_gemv_cannot_run():
+    most = ko.GEMV_CONSUMERS * ko.GEMV_GROUPS_PER_WARP[("gemv2_m8", 128)]
+    k_total, k = (most + 1) * 128 + 128, 128
+    n = -(-ko.GEMV_MIN_WEIGHTS // k_total) // 8 * 8 + 8  # large enough for "auto" to pick gemv2
+    assert ko.choose_gemm_variant(2, n, k_total) == "gemv2_m8"
+    a = encode_mixed(_acts(2, k_total), k, 4, 128, 0.9)
+    w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.05).half(), k, 4, 128, 0.85)
+    with pytest.raises(ko.KernelShapeError, match="groups"):
+        ko.mixed_gemm(a, w, variant="gemv2_m8")
+    y = ko.mixed_gemm(a, w)
+    ref = decode_mixed(a, torch.float64) @ decode_mixed(w, torch.float64).T
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-3
+
+
+# ------------------------------------------------------------- round 3: large-M wgmma kernels
+
+
+def _cu_defines(name: str) -> dict:
+    src = (Path(ko.__file__).resolve().parent.parent / "kernels" / name).read_text()
+    return {key: int(val) for key, val in re.findall(r"#define (\w+) \(?(\d+)\)?\s", src)}
+
+
+@pytest.mark.parametrize("groups", [8, 31, 170])
+def test_wgmma_shared_memory_matches_the_kernel_layout(groups):
+    """gemm_smem_bytes must reserve what gemm_wg lays out, read off the .cu source's constants:
+    unpacked stages, their float scales (two groups a stage), two mbarriers a stage, the packed
+    ring, the tile's fp16 weight scales and 1024 bytes to align the swizzled stages."""
+    d = _cu_defines("w4a4_gemm_sm90.cu")
+    stages, ring, tile_n, stage_k = d["STAGES"], d["RING"], d["TILE_N"], d["STAGE_K"]
+    assert (stages, ring, stage_k) == (ko.WG_STAGES, ko.WG_RING, ko.WG_STAGE_K)
+    want = (stages * (tile_n * stage_k + 4 * 2 * tile_n + 16) + ring * tile_n * d["PACKED_BYTES"]
+            + 2 * tile_n * groups + 1024)
+    for variant in ko.WG_VARIANTS:
+        assert ko.gemm_smem_bytes(variant, 128, 128 * groups) == want
+    # the register split of setmaxnreg must stay inside the pool of a 384 x 168 launch
+    assert 128 * d["PRODUCER_REGS"] + 256 * d["CONSUMER_REGS"] <= 384 * 168
+
+
+def test_dispatch_takes_wgmma_only_on_hopper_from_its_threshold(monkeypatch):
+    monkeypatch.setattr(ko, "has_wgmma", lambda: False)
+    assert all(ko.choose_gemm_variant(m) not in ko.WG_VARIANTS for m in range(1, 8193))
+    monkeypatch.setattr(ko, "has_wgmma", lambda: True)
+    assert ko.choose_gemm_variant(ko.WG_MIN_M) == "wg_m128"
+    assert ko.choose_gemm_variant(8192) == "wg_m128"
+    assert ko.choose_gemm_variant(ko.WG_MIN_M - 1) not in ko.WG_VARIANTS
+
+
+def test_wgmma_variant_refuses_a_k_too_long_for_shared_memory():
+    kn = 128 * 600  # 600 groups of weight scales a tile do not fit next to the stages
+    assert ko.gemm_smem_bytes("wg_m128", 128, kn) > ko.SMEM_PER_SM
+
+
+wgmma = pytest.mark.skipif(not (kernel_backend_available() and ko.has_wgmma()),
+                           reason="needs a Hopper GPU (sm_90a wgmma) and CuPy")
+
+
+@wgmma
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", sorted(ko.WG_VARIANTS))
+@pytest.mark.parametrize("m,n,k_total,k,group,with_bias", [
+    (1, 256, 1024, 128, 128, False),
+    (77, 250, 1168, 16, 64, True),       # odd M, N not a multiple of the 128-column tile
+    (130, 384, 1104, 16, 64, False),     # 17 groups of 64: the last stage holds one group
+    (1000, 384, 4224, 256, 128, True),   # two outlier stages
+    (1000, 1030, 2112, 64, 64, False),
+    (4133, 520, 2176, 128, 128, False),  # M > 4096, not a multiple of the 128-row tile
+    (512, 256, 4096, 0, 128, True),      # no outliers
+    (300, 128, 1216, 192, 64, False),    # outliers not a multiple of the 128-column stage
+])
+def test_wgmma_gemm_matches_the_format_reference(variant, m, n, k_total, k, group, with_bias):
+    a = encode_mixed(_acts(m, k_total), k, 4, group, 0.9)
+    w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.05).half(), k, 4, group, 0.85)
+    bias = torch.randn(n, device="cuda").half() if with_bias else None
+    ref = decode_mixed(a, torch.float64) @ decode_mixed(w, torch.float64).T
+    if bias is not None:
+        ref += bias.double()
+    for _ in range(2):  # fresh poison each time: a race between the warpgroups would move the error
+        y = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+        ko.mixed_gemm(a, w, bias, variant=variant, out=y)
+        assert torch.isfinite(y).all(), "some outputs were never written"
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-3, f"relative Frobenius error {err:.2e}"
