@@ -70,7 +70,7 @@ GEMV_GROUPS_PER_WARP = {("gemv_m8", 128): 8, ("gemv_m8", 64): 16,
 WG_VARIANTS = {"wg_m128": (128, 128, 384), "wgs_m128": (128, 128, 384)}
 GEMM_VARIANTS.update(WG_VARIANTS)
 GEMM_MODULES = {v: "w4a4_gemm_sm90" for v in WG_VARIANTS}  # others: "w4a4_gemm"
-WG_STAGES, WG_RING, WG_STAGE_K = 6, 4, 128  # as STAGES, RING, STAGE_K in the .cu file
+WG_STAGES, WG_RING, WG_STAGE_K = 8, 4, 128  # as STAGES, RING, STAGE_K in the .cu file
 WG_MIN_M = 128  # choose_gemm_variant: wgmma from here up (measured: gemm_h100.md)
 
 # Quantize kernels: "row" (round 1) = one block a row, load then quantize; "ring" = persistent
@@ -446,8 +446,10 @@ def mixed_gemm(a: MixedQuantized, w: MixedQuantized, bias: torch.Tensor | None =
         y = out
     if m == 0:
         return y
-    bm, bn, threads = GEMM_VARIANTS[variant]
     smem = gemm_smem_bytes(variant, a.group_size, kn)
+    if smem > SMEM_PER_SM and variant in WG_VARIANTS and auto:  # a very long K: the tile's
+        variant, smem = "tc_m64", gemm_smem_bytes("tc_m64", a.group_size, kn)  # scales overflow
+    bm, bn, threads = GEMM_VARIANTS[variant]
     if smem > SMEM_PER_SM:
         raise KernelShapeError(f"variant={variant} with K-k={kn}, G={a.group_size} needs {smem} bytes "
                                f"of shared memory (> {SMEM_PER_SM}); use tc_m64")

@@ -435,3 +435,16 @@ def test_wgmma_gemm_matches_the_format_reference(variant, m, n, k_total, k, grou
         assert torch.isfinite(y).all(), "some outputs were never written"
         err = ((y.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-3, f"relative Frobenius error {err:.2e}"
+
+
+@wgmma
+@pytest.mark.gpu
+def test_auto_dispatch_leaves_wgmma_where_the_tile_scales_overflow_shared_memory():
+    k_total, k = 600 * 128 + 128, 128  # 600 weight-scale groups a tile: more than fits
+    a = encode_mixed(_acts(256, k_total), k, 4, 128, 0.9)
+    w = encode_mixed((torch.randn(128, k_total, device="cuda") * 0.05).half(), k, 4, 128, 0.85)
+    with pytest.raises(ko.KernelShapeError, match="shared memory"):
+        ko.mixed_gemm(a, w, variant="wg_m128")
+    y = ko.mixed_gemm(a, w)
+    ref = decode_mixed(a, torch.float64) @ decode_mixed(w, torch.float64).T
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-3
