@@ -35,15 +35,38 @@ from atom_lab.formats import KVQuantized, decode_kv, encode_kv, kv_bytes_per_tok
 
 HEAD_DIMS = (64, 128)
 HEADS_PER_CTA = 8       # query heads one decode CTA serves (the mma's 8-wide dimension)
-WARPS = 4               # warps per decode CTA (kernels/decode_attention.cu)
 TILE = 16               # tokens per warp tile
-CHUNK_ALIGN = WARPS * TILE
+CHUNK_ALIGN = 64        # context partitions are multiples of this many tokens
 CAPACITY_ALIGN = 16     # capacity multiple: tiles never straddle the end of a row block
 APPEND_WARPS = 8
 MAX_SPLITS = 256        # the merging CTA keeps [8 heads][splits] weights in shared memory
-_RING_STAGES = {"kv4": 4, "kv4deep": 8, "fp16": 3}
-_FAMILY = {"kv4": ("kv4", "kv4deep"), "fp16": ("fp16",)}  # builds each cache format can run
-_PLANNED = {"kv4": ("kv4",), "fp16": ("fp16",)}  # builds the planner picks from (see kernel_shapes)
+
+
+@dataclass(frozen=True)
+class DecodeBuild:
+    """One compiled decode kernel (kernels/decode_attention.cu): decode_attention_<name>_d<D>,
+    with the split planner's cost constants, fitted to H100 sweeps (attention_notes.md)."""
+    warps: int
+    stages: int             # cp.async ring stages per warp
+    layout: str             # "kv4m": round-2 4-bit body; "kv4v3": round-1 4-bit body; "fp16"
+    hbm_bytes_per_s: float  # sustained cache read rate of a GPU full of its CTAs
+    cta_bytes_per_s: float  # read rate of one CTA alone on its SM
+    fixed_s: float          # a call that reads almost nothing: launch, first loads, epilogue
+
+
+BUILDS = {
+    # round 2 body: fewer instructions and a shorter start; 4 CTAs an SM
+    "kv4": DecodeBuild(4, 4, "kv4m", 2.46e12, 18e9, 4.1e-6),
+    # twice the warps, 2 CTAs an SM: faster lone CTAs
+    "kv4w8": DecodeBuild(8, 4, "kv4m", 2.46e12, 27e9, 4.3e-6),
+    # 6-stage rings (5 tiles in flight a warp): measured no faster, not planned
+    "kv4s6": DecodeBuild(4, 6, "kv4m", 2.46e12, 18e9, 4.1e-6),
+    # round 1 body: more instructions, yet the higher sustained rate on grids of many waves
+    "kv4v3": DecodeBuild(4, 4, "kv4v3", 2.8e12, 16e9, 5.2e-6),
+    "fp16": DecodeBuild(4, 3, "fp16", 2.95e12, 21e9, 5e-6),
+}
+_FAMILY = {"kv4": ("kv4", "kv4w8", "kv4s6", "kv4v3"), "fp16": ("fp16",)}  # builds a format runs
+_PLANNED = {"kv4": ("kv4", "kv4w8", "kv4v3"), "fp16": ("fp16",)}  # builds the planner picks from
 
 
 def check_layout(head_dim: int, kv_heads: int, capacity: int, bits: int = 4,
@@ -72,39 +95,37 @@ def check_heads(q_heads: int, kv_heads: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # Split-K planning (host side)
 
-# The planner's cost model, fitted to H100 measurements (experiments/results/attention_bench.md):
-HBM_BYTES_PER_S = 2.9e12   # sustained read bandwidth of the decode kernel's access pattern
-LOAD_LATENCY_S = 1.3e-6    # loaded DRAM latency: a CTA streams at most its bytes in flight per this
-MERGE_S = (2e-6, 0.15e-6)  # split-K merge by the last CTA: fixed + per partition
+MERGE_S = (2e-6, 0.15e-6)  # split-K merge by the last CTA: fixed + per partition (H100 fit)
 
 
 @dataclass(frozen=True)
 class KernelShape:
     """What the split planner needs to know of one decode-kernel build."""
-    name: str            # "kv4" (4-stage rings), "kv4deep" (8-stage rings) or "fp16"
-    slots: int           # CTAs resident on the whole GPU at once
-    inflight_bytes: int  # bytes one CTA keeps in flight: warps x (stages - 1) x tile bytes
+    name: str               # a key of BUILDS
+    slots: int              # CTAs resident on the whole GPU at once
+    hbm_bytes_per_s: float  # see DecodeBuild
+    cta_bytes_per_s: float
+    fixed_s: float
 
 
 @dataclass(frozen=True)
 class SplitPlan:
     splits: int       # context partitions launched per (sequence, head block)
     chunk: int        # tokens per partition, a multiple of CHUNK_ALIGN
-    kernel: str = ""  # the build to launch; "" means the 4-stage one of the cache format
+    kernel: str = ""  # the build to launch (a key of BUILDS); "" means the cache format's default
 
 
 def plan_splits(ctas: int, max_len: int, token_bytes: int, kernels, max_splits: int = 64
                 ) -> SplitPlan:
     """Pick the kernel build and partition count minimizing the modelled time
 
-        max(all bytes / HBM bandwidth, waves * one CTA's bytes * latency / its bytes in flight)
+        fixed + max(all bytes / the build's sustained rate, waves * one CTA's bytes / its lone rate)
         + (split-K merge if partitioned),
 
     where ctas = batch * kv_heads * head_blocks, token_bytes = bytes of one token of one KV head,
     and a partially filled last wave of CTAs costs a whole wave.
     """
     max_len = max(int(max_len), 1)
-    total_s = ctas * max_len * token_bytes / HBM_BYTES_PER_S
     best, best_t = None, math.inf
     for shape in kernels:
         for s in range(1, max_splits + 1):
@@ -113,8 +134,10 @@ def plan_splits(ctas: int, max_len: int, token_bytes: int, kernels, max_splits: 
             if splits != s:
                 continue
             waves = -(-ctas * splits // shape.slots)
-            cta_s = chunk * token_bytes * LOAD_LATENCY_S / shape.inflight_bytes
-            t = max(total_s, waves * cta_s) + (MERGE_S[0] + MERGE_S[1] * splits if splits > 1 else 0)
+            total_s = ctas * max_len * token_bytes / shape.hbm_bytes_per_s
+            cta_s = chunk * token_bytes / shape.cta_bytes_per_s
+            t = shape.fixed_s + max(total_s, waves * cta_s) + \
+                (MERGE_S[0] + MERGE_S[1] * splits if splits > 1 else 0)
             if t < best_t:
                 best, best_t = SplitPlan(splits, chunk, shape.name), t
     return best
@@ -142,31 +165,35 @@ def _token_bytes(fmt: str, head_dim: int) -> int:
     return head_dim + 8 if fmt.startswith("kv4") else 4 * head_dim
 
 
-def _stage_bytes(fmt: str, head_dim: int) -> int:
-    if fmt.startswith("kv4"):
+def _stage_bytes(build: str, head_dim: int) -> int:
+    """Shared memory of one ring stage (one 16-token tile: codes or fp16 rows, and params)."""
+    layout = BUILDS[build].layout
+    if layout == "kv4m":
+        return TILE * head_dim + 2 * TILE * 4
+    if layout == "kv4v3":  # V rows padded by 16 bytes
         return TILE * (head_dim // 2) + TILE * (head_dim // 2 + 16) + 2 * TILE * 4
     return 2 * TILE * (2 * head_dim + 16)
 
 
-def _smem_bytes(fmt: str, head_dim: int) -> int:
-    """Dynamic shared memory of a decode CTA: the query rows plus each warp's cp.async ring."""
-    return HEADS_PER_CTA * head_dim * 2 + WARPS * _RING_STAGES[fmt] * _stage_bytes(fmt, head_dim)
+def _smem_bytes(build: str, head_dim: int) -> int:
+    """Dynamic shared memory of a decode CTA: the query rows plus each warp's cp.async ring, which
+    the epilogue reuses for the warps' outputs, maxima, sums and the split-K weights."""
+    spec = BUILDS[build]
+    rings = spec.warps * spec.stages * _stage_bytes(build, head_dim)
+    merge = 4 * (spec.warps * HEADS_PER_CTA * (head_dim + 2) + HEADS_PER_CTA * MAX_SPLITS)
+    return HEADS_PER_CTA * head_dim * 2 + max(rings, merge)
 
 
 def kernel_shapes(family: str, head_dim: int, device_index: int = 0,
                   options: tuple[str, ...] = (), builds=None) -> list[KernelShape]:
-    """Decode builds of a cache format ("kv4" or "fp16") as the split planner sees them.
-
-    By default only the 4-stage kv4 build: the planner's latency term (bytes in flight / DRAM
-    latency) would favour the 8-stage "kv4deep" build for lone CTAs, but whether a lone CTA is
-    bound by its bytes in flight or by its own instruction latency is what the benchmark's sweep
-    measures; pass builds=("kv4", "kv4deep") to plan over both.
-    """
+    """Decode builds of a cache format ("kv4" or "fp16") as the split planner sees them; builds
+    (keys of BUILDS) overrides the planned ones, e.g. ("kv4v3",) for round 1's kernel."""
     shapes = []
-    for fmt in builds or _PLANNED[family]:
-        sms, per_sm = _resident_ctas(fmt, head_dim, device_index, tuple(options))
-        inflight = WARPS * (_RING_STAGES[fmt] - 1) * TILE * _token_bytes(fmt, head_dim)
-        shapes.append(KernelShape(fmt, sms * per_sm, inflight))
+    for name in builds or _PLANNED[family]:
+        spec = BUILDS[name]
+        sms, per_sm = _resident_ctas(name, head_dim, device_index, tuple(options))
+        shapes.append(KernelShape(name, sms * per_sm, spec.hbm_bytes_per_s, spec.cta_bytes_per_s,
+                                  spec.fixed_s))
     return shapes
 
 
@@ -194,9 +221,10 @@ def _resident_ctas(fmt: str, head_dim: int, device_index: int,
     except Exception:  # attribute missing in some CuPy versions: assume the launch-bounds cap
         regs = 128
     smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-    by_regs = 65536 // max(regs * WARPS * 32, 1)
+    threads = BUILDS[fmt].warps * 32
+    by_regs = 65536 // max(regs * threads, 1)
     by_smem = smem_sm // (_smem_bytes(fmt, head_dim) + 1024)
-    return props.multi_processor_count, max(1, min(by_regs, by_smem, 64 // WARPS))
+    return props.multi_processor_count, max(1, min(by_regs, by_smem, 2048 // threads))
 
 
 _TICKETS: dict[int, torch.Tensor] = {}
@@ -223,8 +251,8 @@ def decode_attention_kv4(q, k_codes, k_params, v_codes, v_params, lengths, max_l
 
     q [B, Hq, D] fp16; k_codes/v_codes uint8 [B, Hkv, cap, D/2]; k_params/v_params int32
     [B, Hkv, cap]; lengths int32 [B] on the device, max_len >= max(lengths) known on the host.
-    Returns [B, Hq, D] fp16 (written into `out` if given). compile_options (e.g.
-    ("-DKV4_MIN_CTAS=5",)) build a tuning variant of the kernel.
+    Returns [B, Hq, D] fp16 (written into `out` if given). plan.kernel picks a build ("kv4",
+    "kv4w8", or round 1's "kv4v3"); compile_options (NVRTC flags) build a tuning variant.
     """
     B, Hkv, cap, half_d = k_codes.shape
     return _decode("kv4", q, k_codes, k_params, v_codes, v_params, lengths, max_len, B, Hkv, cap,
@@ -279,7 +307,7 @@ def _decode(family, q, k, kp, v, vp, lengths, max_len, B, Hkv, cap, D, softmax_s
             np.float32(scale * math.log2(math.e)), _ptr(out), _ptr(part_o), _ptr(part_lse),
             _ptr(tickets))
     _launch(_decode_kernel(fmt, D, options), (plan.splits, Hkv * head_blocks, B),
-            (WARPS * 32, 1, 1), args, _smem_bytes(fmt, D))
+            (BUILDS[fmt].warps * 32, 1, 1), args, _smem_bytes(fmt, D))
     return out
 
 

@@ -1,35 +1,51 @@
 // Decode attention (one query token per sequence) over a KV cache of ragged lengths, GQA, split-K.
 //
-// Two cache formats share one kernel body:
+// Cache formats:
 //   KV4  : formats.KVQuantized, one group per head. codes [B, Hkv, cap, D/2] (nibble-packed,
 //          unsigned), params [B, Hkv, cap] 32-bit words = (fp16 scale) | (fp16 zero) << 16.
-//   FP16 : plain fp16 K/V [B, Hkv, cap, D] (the same kernel reading fp16, for comparison).
+//   FP16 : plain fp16 K/V [B, Hkv, cap, D] (for comparison).
 //
-// Grid (splits, Hkv * head_blocks, B); a CTA of WARPS warps takes the query heads of one KV head
-// (up to 8; more need head_blocks > 1) and one chunk of the context, so every cached byte is read
-// once per head block. The warps take 16-token tiles round-robin, each streaming its tiles through
-// its own NST-stage cp.async ring in shared memory (zero-filled past the sequence's length).
+// Grid (splits, Hkv * head_blocks, B); a CTA takes the query heads of one KV head (up to 8; more
+// need head_blocks > 1) and one chunk of the context, so every cached byte is read once per head
+// block. Its warps take 16-token tiles round-robin, each streaming its tiles through its own
+// NST-stage cp.async ring in shared memory.
 //
-// Tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate) with the heads in the 8-wide dims:
-//   scores  S^T[head, token] = Q[16 (8 used), d] . K^T[d, 8 tokens]
-//   output  O^T[d, head]     = V^T[16 d, 16 tokens] . P'^T[16 tokens, 8 heads]
-// The accumulator of the first is the B operand of the second, so P never leaves registers.
-// KV4 dequantization is folded into the algebra instead of applied per element:
-//   q . (c - z) s_k            = s_k (q . c - z sum(q))       codes c exact in fp16
-//   sum_t p_t s_v,t (c_t - z_t) = sum_t p'_t c_t - sum_t p'_t z_t,  p' = p s_v rounded to fp16 once
-// and the second sum is one extra mma whose A rows all hold z, so both sums see the same p'.
-// Nibbles become fp16 with the 0x6400 exponent trick (one LOP3 and one HADD2/HFMA2 a pair).
-// Each MMA operand's k order is a fixed permutation of d (KV4) chosen so that a thread's 16-byte
-// smem read of a token row feeds its fragment directly; Q is permuted the same way.
+// Two 4-bit kernel bodies (mma.sync m16n8k16, fp16 in, fp32 accumulate):
+//
+// decode_kv4m (builds "kv4", "kv4w8", "kv4s6"; round 2): tokens on the mma M dimension for the
+//   scores, S[16 tokens, 8 heads] = K[16 tokens, d] . Q^T[d, 8 heads], so one mma covers 16
+//   tokens and the K tile is the A operand straight from its nibbles. The nibble -> fp16 conversion keeps the
+//   0x6400 exponent trick's bias: one LOP3 gives 1024 + c (low nibble) or 1024 + 16 c (high
+//   nibble) exactly, and the bias is folded into the algebra instead of subtracted per element:
+//     scores: Q's high-nibble slots hold q / 16 and the accumulator starts at -1024 sum(q), so
+//             acc = q . c and logit = s_k (acc - z_k sum(q));
+//     values: V^T tiles come out of ldmatrix.trans (a byte pair = 4 d of one token, transposed so a
+//             register holds one d of two tokens), O^T[d, head] += V^T . P'^T with p' = p s_v
+//             rounded to fp16 once; a second mma per m-tile adds -(1024 + z) (low-nibble rows) or
+//             -(1024 + 16 z) (high-nibble rows) times the same P', so the accumulator never holds
+//             the bias (fp32 rounding stays that of the unbiased sum); high rows are divided by 16
+//             at the end.
+//   P moves from the score layout (token rows) to the value mma's B operand with movmatrix.trans.
+//   The running max is lazy: it moves only when a logit exceeds it by RESCALE_SLACK (log2 units),
+//   so p <= 2^RESCALE_SLACK and most tiles need no cross-lane reduction at all.
+//   The first tiles are fetched before the sequence length arrives (addresses depend only on the
+//   chunk); tokens past the length are masked by selects in the one partial tile.
+//
+// decode_attention<KV4 / KV16> (builds "kv4v3", "fp16"; round 1): heads on the mma M dimension
+//   (rows 8-15 of the A operand unused),
+//     scores  S^T[head, token] = Q[16 (8 used), d] . K^T[d, 8 tokens]
+//     output  O^T[d, head]     = V^T[16 d, 16 tokens] . P'^T[16 tokens, 8 heads]
+//   with exact nibble conversion (LOP3 + HADD2/HFMA2 per pair) and one zero-point mma a tile.
 //
 // Split-K: with splits > 1 each CTA writes a normalized partial and its log-sum-exp (base 2);
 // the last CTA of a (sequence, head block) to finish (an atomic ticket, reset after use so CUDA
 // graph replays work) merges them, so no second kernel is launched. Self-contained (no headers).
 
-#define WARPS 4
+#define WARPS 4            // warps of a round-1 CTA
 #define TILE 16
 #define HEADS_PER_CTA 8
 #define NEG_BIG (-1e30f)
+#define RESCALE_SLACK 2.f  // p <= 4: p * s_v stays finite in fp16 for any fp16 scale (<= 8734)
 
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -68,20 +84,46 @@ __device__ __forceinline__ float fast_log2(float x) {
     return y;
 }
 
-// Nibbles at bits 0-3 and 16-19 of x -> half2 of their values (exact).
-__device__ __forceinline__ u32 nibbles_lo(u32 x) {
+// Nibbles at bits 0-3 and 16-19 of x -> half2 of 1024 + c (exact).
+__device__ __forceinline__ u32 biased_lo(u32 x) {
     u32 r;
     asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "r"(0x000F000Fu), "r"(0x64006400u));
-    asm("sub.f16x2 %0, %0, %1;" : "+r"(r) : "r"(0x64006400u));  // (1024 + c) - 1024
     return r;
+}
+
+// Nibbles at bits 4-7 and 20-23 of x -> half2 of 1024 + 16 c (exact).
+__device__ __forceinline__ u32 biased_hi(u32 x) {
+    u32 r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "r"(0x00F000F0u), "r"(0x64006400u));
+    return r;
+}
+
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+    u32 r;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
+// Nibbles at bits 0-3 and 16-19 of x -> half2 of their values (exact).
+__device__ __forceinline__ u32 nibbles_lo(u32 x) {
+    return hfma2(biased_lo(x), 0x3C003C00u, 0xE400E400u);  // (1024 + c) - 1024
 }
 
 // Nibbles at bits 4-7 and 20-23 of x -> half2 of their values (exact).
 __device__ __forceinline__ u32 nibbles_hi(u32 x) {
+    return hfma2(biased_hi(x), 0x2C002C00u, 0xD400D400u);  // (1024 + 16 c) / 16 - 64
+}
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
     u32 r;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "r"(0x00F000F0u), "r"(0x64006400u));
-    // (1024 + 16 c) / 16 - 64
-    asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(r) : "r"(0x2C002C00u), "r"(0xD400D400u));
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+    return r;
+}
+
+// 8x8 fp16 matrix held one pair a thread in the mma fragment layout -> its transpose.
+__device__ __forceinline__ u32 transpose8x8(u32 x) {
+    u32 r;
+    asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
     return r;
 }
 
@@ -113,6 +155,10 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_byt
                  : "memory");
 }
 
+__device__ __forceinline__ void cp_async16_full(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+
 __device__ __forceinline__ void cp_async_commit() {
     asm volatile("cp.async.commit_group;" ::: "memory");
 }
@@ -139,6 +185,86 @@ __device__ __forceinline__ float load_cg(const float* p) {
     float v;
     asm("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
     return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Epilogue shared by the bodies: s_o [NW][8][D] holds each warp's unnormalized output, s_m / s_l
+// [NW][8] its running max (log2 units) and sum, all written before the call. Combines the warps;
+// stores the output (one partition) or a normalized partial and its log-sum-exp, and then the
+// last CTA of the (sequence, head block) to finish merges the partials.
+
+template <int D, int NW>
+__device__ __forceinline__ void merge_and_store(float* s_o, int nheads, int nsplit_b,
+                                                int splits, long long head_row0, int ticket,
+                                                u16* __restrict__ out, float* __restrict__ part_o,
+                                                float* __restrict__ part_lse,
+                                                int* __restrict__ tickets) {
+    const int tid = threadIdx.x, split = blockIdx.x;
+    const float* s_m = s_o + NW * HEADS_PER_CTA * D;
+    float* s_l = s_o + NW * HEADS_PER_CTA * (D + 1);
+    __syncthreads();
+    for (int i = tid; i < nheads * D; i += NW * 32) {
+        const int h = i / D, d = i % D;
+        float mx = NEG_BIG;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) mx = fmaxf(mx, s_m[w * HEADS_PER_CTA + h]);
+        float sum = 0.f, acc = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            const float f = fast_exp2(s_m[w * HEADS_PER_CTA + h] - mx);
+            sum += f * s_l[w * HEADS_PER_CTA + h];
+            acc += f * s_o[(w * HEADS_PER_CTA + h) * D + d];
+        }
+        if (nsplit_b == 1) {
+            out[(head_row0 + h) * D + d] = float_to_half(sum > 0.f ? acc / sum : 0.f);
+        } else {
+            const long long pr = (head_row0 + h) * splits + split;
+            part_o[pr * D + d] = acc / sum;
+            if (d == 0) part_lse[pr] = mx + fast_log2(sum);
+        }
+    }
+    if (nsplit_b == 1) return;
+
+    // Split-K: the last CTA of this (sequence, head block) merges the partials.
+    __shared__ int s_last;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) s_last = atomicAdd(tickets + ticket, 1) == nsplit_b - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    // Weights of the partials: all log-sum-exps loaded at once, then one pass per head.
+    float* s_w = s_l + NW * HEADS_PER_CTA;  // [8][splits]
+    for (int i = tid; i < nheads * nsplit_b; i += NW * 32) {
+        const int h = i / nsplit_b, sp = i % nsplit_b;
+        s_w[i] = load_cg(part_lse + (head_row0 + h) * splits + sp);
+    }
+    __syncthreads();
+    if (tid < nheads) {
+        float* w = s_w + tid * nsplit_b;
+        float mx = NEG_BIG, sum = 0.f;
+        for (int sp = 0; sp < nsplit_b; ++sp) mx = fmaxf(mx, w[sp]);
+        for (int sp = 0; sp < nsplit_b; ++sp) sum += (w[sp] = fast_exp2(w[sp] - mx));
+        const float inv = 1.f / sum;
+        for (int sp = 0; sp < nsplit_b; ++sp) w[sp] *= inv;
+    }
+    __syncthreads();
+    for (int i = tid; i < nheads * D; i += NW * 32) {
+        const int h = i / D, d = i % D;
+        const float* po = part_o + (head_row0 + h) * splits * D + d;
+        const float* w = s_w + h * nsplit_b;
+        float acc0 = 0.f, acc1 = 0.f, acc2 = 0.f, acc3 = 0.f;
+        int sp = 0;
+        for (; sp + 4 <= nsplit_b; sp += 4) {  // four loads in flight
+            const float p0 = load_cg(po + sp * D), p1 = load_cg(po + (sp + 1) * D);
+            const float p2 = load_cg(po + (sp + 2) * D), p3 = load_cg(po + (sp + 3) * D);
+            acc0 += w[sp] * p0; acc1 += w[sp + 1] * p1;
+            acc2 += w[sp + 2] * p2; acc3 += w[sp + 3] * p3;
+        }
+        for (; sp < nsplit_b; ++sp) acc0 += w[sp] * load_cg(po + sp * D);
+        out[(head_row0 + h) * D + d] = float_to_half((acc0 + acc1) + (acc2 + acc3));
+    }
+    if (tid == 0) tickets[ticket] = 0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -504,99 +630,386 @@ __device__ __forceinline__ void decode_attention(
             s_l[warp * HEADS_PER_CTA + gid] = l;
         }
     }
-    __syncthreads();
-
-    const long long head_row0 = (long long)b * q_heads + head0;  // row of (b, head0) in q / out
-    for (int i = tid; i < nheads * D; i += WARPS * 32) {
-        const int h = i / D, d = i % D;
-        float mx = NEG_BIG;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, s_m[w * HEADS_PER_CTA + h]);
-        float sum = 0.f, acc = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) {
-            const float f = fast_exp2(s_m[w * HEADS_PER_CTA + h] - mx);
-            sum += f * s_l[w * HEADS_PER_CTA + h];
-            acc += f * s_o[(w * HEADS_PER_CTA + h) * D + d];
-        }
-        if (nsplit_b == 1) {
-            out[(head_row0 + h) * D + d] = float_to_half(sum > 0.f ? acc / sum : 0.f);
-        } else {
-            const long long pr = (head_row0 + h) * splits + split;
-            part_o[pr * D + d] = acc / sum;
-            if (d == 0) part_lse[pr] = mx + fast_log2(sum);
-        }
-    }
-    if (nsplit_b == 1) return;
-
-    // Split-K: the last CTA of this (sequence, head block) merges the partials.
-    __shared__ int s_last;
-    __threadfence();
-    __syncthreads();
-    const int ticket = b * kv_heads * head_blocks + blockIdx.y;
-    if (tid == 0) s_last = atomicAdd(tickets + ticket, 1) == nsplit_b - 1;
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
-    // Weights of the partials: all log-sum-exps loaded at once, then one pass per head.
-    float* s_w = s_l + WARPS * HEADS_PER_CTA;  // [8][splits]
-    for (int i = tid; i < nheads * nsplit_b; i += WARPS * 32) {
-        const int h = i / nsplit_b, sp = i % nsplit_b;
-        s_w[i] = load_cg(part_lse + (head_row0 + h) * splits + sp);
-    }
-    __syncthreads();
-    if (tid < nheads) {
-        float* w = s_w + tid * nsplit_b;
-        float mx = NEG_BIG, sum = 0.f;
-        for (int sp = 0; sp < nsplit_b; ++sp) mx = fmaxf(mx, w[sp]);
-        for (int sp = 0; sp < nsplit_b; ++sp) sum += (w[sp] = fast_exp2(w[sp] - mx));
-        const float inv = 1.f / sum;
-        for (int sp = 0; sp < nsplit_b; ++sp) w[sp] *= inv;
-    }
-    __syncthreads();
-    for (int i = tid; i < nheads * D; i += WARPS * 32) {
-        const int h = i / D, d = i % D;
-        const float* po = part_o + (head_row0 + h) * splits * D + d;
-        const float* w = s_w + h * nsplit_b;
-        float acc0 = 0.f, acc1 = 0.f, acc2 = 0.f, acc3 = 0.f;
-        int sp = 0;
-        for (; sp + 4 <= nsplit_b; sp += 4) {  // four loads in flight
-            const float p0 = load_cg(po + sp * D), p1 = load_cg(po + (sp + 1) * D);
-            const float p2 = load_cg(po + (sp + 2) * D), p3 = load_cg(po + (sp + 3) * D);
-            acc0 += w[sp] * p0; acc1 += w[sp + 1] * p1;
-            acc2 += w[sp + 2] * p2; acc3 += w[sp + 3] * p3;
-        }
-        for (; sp < nsplit_b; ++sp) acc0 += w[sp] * load_cg(po + sp * D);
-        out[(head_row0 + h) * D + d] = float_to_half((acc0 + acc1) + (acc2 + acc3));
-    }
-    if (tid == 0) tickets[ticket] = 0;
+    merge_and_store<D, WARPS>(s_o, nheads, nsplit_b, splits, (long long)b * q_heads + head0,
+                              b * kv_heads * head_blocks + blockIdx.y, out, part_o, part_lse,
+                              tickets);
 }
 
-// MIN_CTAS: CTAs per SM the register budget must allow. Ring depths: 4 stages (3 tiles in flight
-// per warp) when many CTAs share an SM; 8 (7 in flight) for grids of at most 2 CTAs per SM, where
-// one CTA's bytes in flight bound its speed; fp16 3 (its tiles are 4x larger).
-#define DEFINE_DECODE(NAME, FMT, D, MIN_CTAS)                                                     \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS) NAME(                     \
-        const u16* q, const u8* k, const u32* k_params, const u8* v, const u32* v_params,         \
-        const int* lengths, int kv_heads, int group, int head_blocks, int capacity, int chunk,    \
-        int splits, float scale_log2, u16* out, float* part_o, float* part_lse, int* tickets) {   \
-        decode_attention<FMT, D>(q, k, k_params, v, v_params, lengths, kv_heads, group,           \
-                                 head_blocks, capacity, chunk, splits, scale_log2, out, part_o,   \
-                                 part_lse, tickets);                                              \
+// ---------------------------------------------------------------------------------------------
+// Round 2: tokens on the mma M dimension (see the top of the file).
+//
+// Stage of one 16-token tile: K codes token-major [16][D/2] (a thread's 16-byte row slice is one
+// LDS), V codes chunk-major [D/32][16 tokens][16 bytes] with the token index XOR-swizzled by
+// the chunk (token t of chunk c at row t ^ (c * 8 / CH)), so that both the cp.async fills (8 lanes:
+// 2 or 4 tokens x all chunks) and the ldmatrix reads (8 tokens of one chunk) hit 8 distinct
+// 16-byte bank groups; then the 16 K and the 16 V param words.
+//
+// Switches for the benchmark's ablation (defaults are the shipped kernel):
+#ifndef KV4M_SWIZZLE
+#define KV4M_SWIZZLE 1   // 0: unswizzled V rows (4-way bank conflicts on the V fills)
+#endif
+#ifndef KV4M_SPLIT_ACC
+#define KV4M_SPLIT_ACC 1 // 0: one chain of D/16 dependent score mmas instead of two
+#endif
+#ifndef KV4M_EARLY_LOADS
+#define KV4M_EARLY_LOADS 1 // 0: V fragments loaded after the softmax (their latency exposed)
+#endif
+#ifndef KV4M_PIN_LANE
+#define KV4M_PIN_LANE 1  // 0: let the compiler re-read the thread index (S2R) in the tile loop
+#endif
+
+// An opaque copy: the compiler keeps the value in a register instead of recomputing it.
+__device__ __forceinline__ int pinned(int x) {
+    if (KV4M_PIN_LANE) asm volatile("mov.b32 %0, %0;" : "+r"(x));
+    return x;
+}
+
+template <int D>
+struct KV4M {
+    static constexpr int K_ROW = D / 2;              // code bytes of one token
+    static constexpr int CH = K_ROW / 16;            // 16-byte chunks of one token's codes
+    static constexpr int LOADS = TILE * CH / 32;     // chunks a lane copies per tile, K and V each
+    static constexpr int TOK_STEP = 512 / K_ROW;     // tokens between a lane's chunks
+    static constexpr int OFF_V = TILE * K_ROW;
+    static constexpr int OFF_KP = 2 * TILE * K_ROW;
+    static constexpr int OFF_VP = OFF_KP + TILE * 4;
+    static constexpr int STAGE = OFF_VP + TILE * 4;
+    static constexpr int WORDS = D / 32;             // code words of one token row a thread reads
+    static constexpr int MT = D / 16;                // m-tiles of the output mma
+    // Row of token t (0-15) in V chunk c.
+    static __device__ __forceinline__ int v_row(int t, int c) {
+        return KV4M_SWIZZLE ? t ^ (c * (8 / CH)) : t;
+    }
+};
+
+template <int N>
+__device__ __forceinline__ void load_words(u32 (&w)[N], const u8* p) {
+    if constexpr (N == 4) {
+        const uint4 x = *reinterpret_cast<const uint4*>(p);
+        w[0] = x.x; w[1] = x.y; w[2] = x.z; w[3] = x.w;
+    } else {
+        const uint2 x = *reinterpret_cast<const uint2*>(p);
+        w[0] = x.x; w[1] = x.y;
+    }
+}
+
+template <int D, int NW, int NST>
+__device__ __forceinline__ void decode_kv4m(
+    const u16* __restrict__ q, const u8* __restrict__ k, const u32* __restrict__ k_params,
+    const u8* __restrict__ v, const u32* __restrict__ v_params, const int* __restrict__ lengths,
+    int kv_heads, int group, int head_blocks, int capacity, int chunk, int splits,
+    float scale_log2, u16* __restrict__ out, float* __restrict__ part_o,
+    float* __restrict__ part_lse, int* __restrict__ tickets) {
+    using F = KV4M<D>;
+    extern __shared__ __align__(16) u8 smem[];
+    const int tid = pinned(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int b = blockIdx.z, split = blockIdx.x;
+    const int kvh = blockIdx.y / head_blocks, hb = blockIdx.y % head_blocks;
+    const int head0 = kvh * group + hb * HEADS_PER_CTA;
+    const int nheads = min(HEADS_PER_CTA, group - hb * HEADS_PER_CTA);
+    const int q_heads = kv_heads * group;
+    const int len = lengths[b];  // first used once the first tiles are in flight
+    const int start = split * chunk;
+    const int stop = min(start + chunk, capacity);  // the prefetch's bound, known without len
+
+    const long long row0 = (long long)(b * kv_heads + kvh) * capacity;
+    u16* s_q = reinterpret_cast<u16*>(smem);
+    u8* rings = smem + HEADS_PER_CTA * D * 2;
+    const u32 ring = smem_addr(rings) + warp * NST * F::STAGE;
+    const u8* ring_ptr = rings + warp * NST * F::STAGE;
+    {
+        const u8* qsrc = reinterpret_cast<const u8*>(q + ((long long)b * q_heads + head0) * D);
+        const u32 qdst = smem_addr(s_q);
+        for (int c = tid; c < HEADS_PER_CTA * D / 8; c += NW * 32) {
+            const bool ok = c / (D / 8) < nheads;
+            cp_async16(qdst + c * 16, ok ? qsrc + c * 16 : qsrc, ok ? 16 : 0);
+        }
+        cp_async_commit();
     }
 
-#ifndef KV4_MIN_CTAS  // -DKV4_MIN_CTAS=5 trades register spills for a fifth CTA per SM
-#define KV4_MIN_CTAS 4
-#endif
+    // Per-lane copy roles: K chunk lane of each 512-byte step kept in place, V chunk (token t,
+    // column c) to c * 256 + t * 16, params by lanes 0-3 (K) and 4-7 (V), 4 tokens each.
+    int next_t0 = start + warp * TILE;
+    const u8* k_src = k + (row0 + next_t0) * F::K_ROW + lane * 16;
+    const u8* v_src = v + (row0 + next_t0) * F::K_ROW + lane * 16;
+    const bool param_lane = lane < 8;
+    const u32* p_src = (lane < 4 ? k_params : v_params) + row0 + next_t0 + 4 * (lane & 3);
+    const u32 k_dst = pinned(lane * 16);
+    const u32 v_dst = pinned(F::OFF_V + (lane % F::CH) * (TILE * 16) +
+                             F::v_row(lane / F::CH, lane % F::CH) * 16);
+    const u32 p_dst = pinned((lane < 4 ? F::OFF_KP : F::OFF_VP) + (lane & 3) * 16);
+    auto fetch = [&](u32 stage, int rem) {  // rem >= 1 tokens of the tile may be read
+        if (rem >= TILE) {
+#pragma unroll
+            for (int i = 0; i < F::LOADS; ++i) {
+                cp_async16_full(stage + k_dst + i * 512, k_src + i * 512);
+                cp_async16_full(stage + v_dst + i * F::TOK_STEP * 16, v_src + i * 512);
+            }
+            if (param_lane) cp_async16_full(stage + p_dst, p_src);
+        } else {
+#pragma unroll
+            for (int i = 0; i < F::LOADS; ++i) {
+                const int bytes = i * F::TOK_STEP + lane / F::CH < rem ? 16 : 0;
+                cp_async16(stage + k_dst + i * 512, k_src + i * 512, bytes);
+                cp_async16(stage + v_dst + i * F::TOK_STEP * 16, v_src + i * 512, bytes);
+            }
+            if (param_lane)
+                cp_async16(stage + p_dst, p_src, 4 * min(max(rem - 4 * (lane & 3), 0), 4));
+        }
+        k_src += NW * TILE * F::K_ROW;
+        v_src += NW * TILE * F::K_ROW;
+        p_src += NW * TILE;
+        next_t0 += NW * TILE;
+    };
+#pragma unroll
+    for (int i = 0; i < NST - 1; ++i) {
+        if (next_t0 < stop) fetch(ring + i * F::STAGE, stop - next_t0);
+        cp_async_commit();
+    }
+
+    const int nsplit_b = max(1, (len + chunk - 1) / chunk);
+    if (split >= nsplit_b) {  // this partition lies past the sequence's end
+        cp_async_wait<0>();
+        return;
+    }
+    const int end = min(start + chunk, len);
+    const int ntiles = end > start ? (end - start + TILE - 1) / TILE : 0;
+    const int mine = ntiles > warp ? (ntiles - warp + NW - 1) / NW : 0;
+    cp_async_wait<NST - 1>();  // the query
+    __syncthreads();
+
+    // Q^T as the score mma's B operand (k-step s = 2w + h: the low nibbles of bytes 4w + h and
+    // 4w + h + 2 of the thread's row slice, then their high nibbles as q / 16), and the sums the
+    // zero point and the bias need, for the heads of this thread's accumulator columns.
+    u32 qb[2 * F::WORDS][2];
+    float qsum, qbias;
+    {
+        float sum = 0.f, bias = 0.f;
+#pragma unroll
+        for (int w = 0; w < F::WORDS; ++w) {
+            const uint4 x =
+                *reinterpret_cast<const uint4*>(s_q + gid * D + 2 * (tig * (D / 8) + 4 * w));
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const u32 lo = prmt(h ? x.y : x.x, h ? x.w : x.z, 0x5410);
+                const u32 hi = hfma2(prmt(h ? x.y : x.x, h ? x.w : x.z, 0x7632), 0x2C002C00u, 0u);
+                qb[2 * w + h][0] = lo;
+                qb[2 * w + h][1] = hi;
+                const float a = half_to_float(lo & 0xFFFF) + half_to_float(lo >> 16);
+                const float c = half_to_float(hi & 0xFFFF) + half_to_float(hi >> 16);
+                sum += a + 16.f * c;
+                bias += a + c;
+            }
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        bias += __shfl_xor_sync(0xffffffffu, bias, 1);
+        bias += __shfl_xor_sync(0xffffffffu, bias, 2);
+        qsum = sum;
+        qbias = -1024.f * bias;
+    }
+    // Columns 2 tig, 2 tig + 1 of the accumulators are the heads of quads 2 tig, 2 tig + 1.
+    const float qsum0 = __shfl_sync(0xffffffffu, qsum, 8 * tig);
+    const float qsum1 = __shfl_sync(0xffffffffu, qsum, 8 * tig + 4);
+    const float nb0 = __shfl_sync(0xffffffffu, qbias, 8 * tig);
+    const float nb1 = __shfl_sync(0xffffffffu, qbias, 8 * tig + 4);
+
+    float m0 = NEG_BIG, m1 = NEG_BIG, l0 = 0.f, l1 = 0.f;  // heads 2 tig, 2 tig + 1
+    float o[F::MT][4];
+#pragma unroll
+    for (int i = 0; i < F::MT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    // ldmatrix row address of this lane for each x4 load j: matrix lane / 8 = (tokens 0-7 | 8-15)
+    // x (chunk 2j | 2j + 1), row lane % 8.
+    u32 v_rd[D / 64];
+#pragma unroll
+    for (int j = 0; j < D / 64; ++j) {
+        const int c = 2 * j + (lane >> 4), t = ((lane >> 3) & 1) * 8 + (lane & 7);
+        v_rd[j] = pinned(F::OFF_V + c * (TILE * 16) + F::v_row(t, c) * 16);
+    }
+    const int k_rd = pinned(gid * F::K_ROW + tig * (D / 8));  // this thread's K row slice
+    const int p_rd = pinned(gid * 4);                          // its K / V param words
+    const int z_rd = pinned(8 * tig);                          // its V zero-point pairs
+    const int row_a = pinned(gid), col_a = pinned(2 * tig);    // tokens of its rows / columns
+
+    for (int it = 0; it < mine; ++it) {
+        if (it + NST - 1 < mine) fetch(ring + ((it + NST - 1) % NST) * F::STAGE, end - next_t0);
+        cp_async_commit();
+        cp_async_wait<NST - 1>();
+        __syncwarp();
+        const int soff = (it % NST) * F::STAGE;
+        const u8* st = ring_ptr + soff;
+        const int t0 = start + (warp + it * NW) * TILE;
+        const bool partial = t0 + TILE > end;
+
+        // Every shared-memory read of the tile first, so their latencies overlap.
+        u32 ka[F::WORDS], kb[F::WORDS];
+        load_words(ka, st + k_rd);
+        load_words(kb, st + k_rd + 8 * F::K_ROW);
+        const u32* pw = reinterpret_cast<const u32*>(st + F::OFF_KP + p_rd);
+        const u32 kp0 = pw[0], kp1 = pw[8], vp0 = pw[TILE], vp1 = pw[TILE + 8];
+        const uint2 zwa = *reinterpret_cast<const uint2*>(st + F::OFF_VP + z_rd);
+        const uint2 zwb = *reinterpret_cast<const uint2*>(st + F::OFF_VP + 32 + z_rd);
+        u32 vr[D / 64][4];
+        if (KV4M_EARLY_LOADS)
+#pragma unroll
+            for (int j = 0; j < D / 64; ++j) ldmatrix_x4_trans(vr[j], ring + soff + v_rd[j]);
+
+        // Scores of tokens gid (accumulator rows 0-7) and gid + 8, heads 2 tig, 2 tig + 1.
+        float acc[4] = {nb0, nb1, nb0, nb1};
+        float acc2[4] = {0.f, 0.f, 0.f, 0.f};  // second chain: k-steps h = 1
+#pragma unroll
+        for (int w = 0; w < F::WORDS; ++w)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const u32 x0 = h ? ka[w] >> 8 : ka[w], x1 = h ? kb[w] >> 8 : kb[w];
+                mma16816(KV4M_SPLIT_ACC && h ? acc2 : acc, biased_lo(x0), biased_lo(x1),
+                         biased_hi(x0), biased_hi(x1), qb[2 * w + h][0], qb[2 * w + h][1]);
+            }
+        if (KV4M_SPLIT_ACC)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[i] += acc2[i];
+        const float sk0 = half_to_float(kp0 & 0xFFFF) * scale_log2;
+        const float sk1 = half_to_float(kp1 & 0xFFFF) * scale_log2;
+        const float zk0 = half_to_float(kp0 >> 16), zk1 = half_to_float(kp1 >> 16);
+        float x[4] = {sk0 * fmaf(-zk0, qsum0, acc[0]), sk0 * fmaf(-zk0, qsum1, acc[1]),
+                      sk1 * fmaf(-zk1, qsum0, acc[2]), sk1 * fmaf(-zk1, qsum1, acc[3])};
+        const bool ok0 = t0 + row_a < end, ok1 = t0 + row_a + 8 < end;
+        if (partial) {  // selects: past the length, params may be anything (even NaN)
+            const float ninf = -__int_as_float(0x7f800000);
+            x[0] = ok0 ? x[0] : ninf; x[1] = ok0 ? x[1] : ninf;
+            x[2] = ok1 ? x[2] : ninf; x[3] = ok1 ? x[3] : ninf;
+        }
+
+        // Lazy running max: moves only when a logit passes it by RESCALE_SLACK.
+        const float g0 = fmaxf(x[0], x[2]), g1 = fmaxf(x[1], x[3]);
+        if (__any_sync(0xffffffffu, fmaxf(g0 - m0, g1 - m1) > RESCALE_SLACK)) {
+            float t0m = g0, t1m = g1;
+#pragma unroll
+            for (int off = 4; off < 32; off <<= 1) {
+                t0m = fmaxf(t0m, __shfl_xor_sync(0xffffffffu, t0m, off));
+                t1m = fmaxf(t1m, __shfl_xor_sync(0xffffffffu, t1m, off));
+            }
+            const float n0 = fmaxf(m0, t0m), n1 = fmaxf(m1, t1m);
+            const float a0 = fast_exp2(m0 - n0), a1 = fast_exp2(m1 - n1);
+            m0 = n0; m1 = n1;
+            l0 *= a0; l1 *= a1;
+#pragma unroll
+            for (int i = 0; i < F::MT; ++i) {
+                o[i][0] *= a0; o[i][1] *= a1;
+                o[i][2] *= a0; o[i][3] *= a1;
+            }
+        }
+        const float p0 = fast_exp2(x[0] - m0), p1 = fast_exp2(x[1] - m1);
+        const float p2 = fast_exp2(x[2] - m0), p3 = fast_exp2(x[3] - m1);
+        l0 += p0 + p2;
+        l1 += p1 + p3;
+        const float sv0 = half_to_float(vp0 & 0xFFFF), sv1 = half_to_float(vp1 & 0xFFFF);
+        u32 pr0 = pack_half2(p0 * sv0, p1 * sv0), pr1 = pack_half2(p2 * sv1, p3 * sv1);
+        // V zero points of tokens 2 tig, 2 tig + 1 (za) and 2 tig + 8, 2 tig + 9 (zb).
+        u32 za = prmt(zwa.x, zwa.y, 0x7632), zb = prmt(zwb.x, zwb.y, 0x7632);
+        if (partial) {
+            pr0 = ok0 ? pr0 : 0u;
+            pr1 = ok1 ? pr1 : 0u;
+            const int t = t0 + col_a;
+            za &= (t < end ? 0xFFFFu : 0u) | (t + 1 < end ? 0xFFFF0000u : 0u);
+            zb &= (t + 8 < end ? 0xFFFFu : 0u) | (t + 9 < end ? 0xFFFF0000u : 0u);
+        }
+        // P' from token rows to the B operand: (tokens 2 tig, 2 tig + 1 | + 8, + 9; head gid).
+        const u32 pb0 = transpose8x8(pr0), pb1 = transpose8x8(pr1);
+        // -(1024 + z) for the low-nibble rows, -(1024 + 16 z) for the high-nibble rows.
+        const u32 cza = hfma2(za, 0xBC00BC00u, 0xE400E400u);
+        const u32 czah = hfma2(za, 0xCC00CC00u, 0xE400E400u);
+        const u32 czb = hfma2(zb, 0xBC00BC00u, 0xE400E400u);
+        const u32 czbh = hfma2(zb, 0xCC00CC00u, 0xE400E400u);
+
+        // O^T[d, head] += V^T . P'^T. ldmatrix x4.trans j: matrices (tokens 0-7 | 8-15) x
+        // (chunk 2j | 2j + 1); a register holds d-group gid of the chunk for two tokens.
+#pragma unroll
+        for (int j = 0; j < D / 64; ++j) {
+            u32 (&r)[4] = vr[j];
+            if (!KV4M_EARLY_LOADS) ldmatrix_x4_trans(r, ring + soff + v_rd[j]);
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const u32 y0 = h ? r[2 * e] >> 8 : r[2 * e];
+                    const u32 y1 = h ? r[2 * e + 1] >> 8 : r[2 * e + 1];
+                    float (&acc_o)[4] = o[2 * (2 * j + e) + h];
+                    mma16816(acc_o, biased_lo(y0), biased_hi(y0), biased_lo(y1), biased_hi(y1),
+                             pb0, pb1);
+                    mma16816(acc_o, cza, czah, czb, czbh, pb0, pb1);
+                }
+        }
+        __syncwarp();
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
+    __syncthreads();  // every warp is done with its ring: reuse them for the merge
+    float* s_o = reinterpret_cast<float*>(rings);  // [NW][8][D], then s_m, s_l [NW][8]
+    {
+        float* mine_o = s_o + warp * HEADS_PER_CTA * D;
+        // m-tile 2 c + h: rows gid hold d = 32 c + 4 gid + 2 h, rows gid + 8 hold d + 1 (x16).
+#pragma unroll
+        for (int mt = 0; mt < F::MT; ++mt) {
+            const int d = 32 * (mt >> 1) + 4 * gid + 2 * (mt & 1);
+            mine_o[(2 * tig) * D + d] = o[mt][0];
+            mine_o[(2 * tig + 1) * D + d] = o[mt][1];
+            mine_o[(2 * tig) * D + d + 1] = o[mt][2] * 0.0625f;
+            mine_o[(2 * tig + 1) * D + d + 1] = o[mt][3] * 0.0625f;
+        }
+        float* s_m = s_o + NW * HEADS_PER_CTA * D;
+        float* s_l = s_m + NW * HEADS_PER_CTA;
+        if (gid == 0) {
+            s_m[warp * HEADS_PER_CTA + 2 * tig] = m0;
+            s_m[warp * HEADS_PER_CTA + 2 * tig + 1] = m1;
+            s_l[warp * HEADS_PER_CTA + 2 * tig] = l0;
+            s_l[warp * HEADS_PER_CTA + 2 * tig + 1] = l1;
+        }
+    }
+    merge_and_store<D, NW>(s_o, nheads, nsplit_b, splits, (long long)b * q_heads + head0,
+                           b * kv_heads * head_blocks + blockIdx.y, out, part_o, part_lse, tickets);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points. MIN_CTAS: CTAs per SM the register budget must allow.
+
+#define DECODE_ARGS                                                                               \
+    const u16 *q, const u8 *k, const u32 *k_params, const u8 *v, const u32 *v_params,             \
+        const int *lengths, int kv_heads, int group, int head_blocks, int capacity, int chunk,    \
+        int splits, float scale_log2, u16 *out, float *part_o, float *part_lse, int *tickets
+#define DECODE_PASS                                                                               \
+    q, k, k_params, v, v_params, lengths, kv_heads, group, head_blocks, capacity, chunk, splits,  \
+        scale_log2, out, part_o, part_lse, tickets
+
+// Round 2, 4-bit: NW warps, NST-stage rings.
+#define DEFINE_KV4M(NAME, D, NW, NST, MIN_CTAS)                                                   \
+    extern "C" __global__ void __launch_bounds__(NW * 32, MIN_CTAS) NAME(DECODE_ARGS) {           \
+        decode_kv4m<D, NW, NST>(DECODE_PASS);                                                     \
+    }
+DEFINE_KV4M(decode_attention_kv4_d64, 64, 4, 4, 4)
+DEFINE_KV4M(decode_attention_kv4_d128, 128, 4, 4, 4)
+DEFINE_KV4M(decode_attention_kv4w8_d64, 64, 8, 4, 2)
+DEFINE_KV4M(decode_attention_kv4w8_d128, 128, 8, 4, 2)
+DEFINE_KV4M(decode_attention_kv4s6_d64, 64, 4, 6, 4)
+DEFINE_KV4M(decode_attention_kv4s6_d128, 128, 4, 6, 4)
+
+// Round 1 body: the 4-bit build it shipped (4-stage rings) and the FP16 comparison (3 stages:
+// its tiles are 4x larger).
+#define DEFINE_DECODE(NAME, FMT, D, MIN_CTAS)                                                     \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS) NAME(DECODE_ARGS) {        \
+        decode_attention<FMT, D>(DECODE_PASS);                                                    \
+    }
 typedef KV4<64, 4> KV4_64;
 typedef KV4<128, 4> KV4_128;
-typedef KV4<64, 8> KV4_DEEP_64;
-typedef KV4<128, 8> KV4_DEEP_128;
 typedef KV16<64, 3> KV16_64;
 typedef KV16<128, 3> KV16_128;
-DEFINE_DECODE(decode_attention_kv4_d64, KV4_64, 64, KV4_MIN_CTAS)
-DEFINE_DECODE(decode_attention_kv4_d128, KV4_128, 128, KV4_MIN_CTAS)
-DEFINE_DECODE(decode_attention_kv4deep_d64, KV4_DEEP_64, 64, 2)
-DEFINE_DECODE(decode_attention_kv4deep_d128, KV4_DEEP_128, 128, 2)
+DEFINE_DECODE(decode_attention_kv4v3_d64, KV4_64, 64, 4)
+DEFINE_DECODE(decode_attention_kv4v3_d128, KV4_128, 128, 4)
 DEFINE_DECODE(decode_attention_fp16_d64, KV16_64, 64, 2)
 DEFINE_DECODE(decode_attention_fp16_d128, KV16_128, 128, 2)

@@ -37,7 +37,8 @@ def test_gqa_heads_must_be_a_multiple():
         kk.check_heads(12, 8)
 
 
-H100_KV4 = kk.KernelShape("kv4", slots=132 * 4, inflight_bytes=4 * 3 * 16 * 136)
+H100_KV4 = kk.KernelShape("kv4", slots=132 * 4, hbm_bytes_per_s=2.46e12, cta_bytes_per_s=18e9,
+                          fixed_s=4.1e-6)
 
 
 @pytest.mark.parametrize("ctas, max_len", [(32, 512), (128, 2048), (512, 2048), (8192, 8192),
@@ -57,10 +58,16 @@ def test_split_plan_partitions_only_where_the_batch_leaves_sms_idle():
 
 
 def test_split_plan_picks_the_faster_build():
-    few_slots = kk.KernelShape("kv4deep", slots=132 * 2, inflight_bytes=4 * 7 * 16 * 136)
-    # a lone sequence: the build with more bytes in flight per CTA wins under the model
-    assert kk.plan_splits(8, 8192, 136, [H100_KV4, few_slots]).kernel == "kv4deep"
-    # a full batch: the build with more resident CTAs is as fast and listed first
+    few_slots = kk.KernelShape("kv4w8", slots=132 * 2, hbm_bytes_per_s=2.46e12,
+                               cta_bytes_per_s=27e9, fixed_s=4.3e-6)
+    sustained = kk.KernelShape("kv4v3", slots=132 * 4, hbm_bytes_per_s=2.8e12,
+                               cta_bytes_per_s=16e9, fixed_s=5.2e-6)
+    shapes = [H100_KV4, few_slots, sustained]
+    # a lone sequence: the build whose lone CTAs stream fastest
+    assert kk.plan_splits(8, 8192, 136, shapes).kernel == "kv4w8"
+    # a full batch, many waves: the build with the higher sustained rate
+    assert kk.plan_splits(8192, 8192, 136, shapes).kernel == "kv4v3"
+    # equal builds tie: the first listed wins
     assert kk.plan_splits(8192, 8192, 136, [H100_KV4, few_slots]).kernel == "kv4"
 
 
@@ -155,9 +162,10 @@ def _filled_cache(B, Hkv, D, lengths, gen, capacity=None):
 @gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("kv_heads, group", [(2, 1), (2, 3), (1, 4), (2, 8), (1, 12)])
-@pytest.mark.parametrize("chunk, build", [(None, ""), (64, ""), (1024, ""), (256, "kv4deep")])
+@pytest.mark.parametrize("chunk, build", [(None, ""), (64, "kv4"), (1024, "kv4"), (256, "kv4w8"),
+                                          (1024, "kv4w8"), (128, "kv4s6"), (256, "kv4v3")])
 def test_decode_kv4_matches_reference(head_dim, kv_heads, group, chunk, build):
-    """Planned, many partitions, one partition, and the 8-stage ring build."""
+    """Planned, many partitions, one partition, for each build (round 2's two, round 1's)."""
     gen = torch.Generator().manual_seed(head_dim * 100 + kv_heads * 10 + group)
     lengths = [1, 17, 300, 1000]
     B = len(lengths)
@@ -173,6 +181,32 @@ def test_decode_kv4_matches_reference(head_dim, kv_heads, group, chunk, build):
         assert torch.isfinite(out).all()
         assert _rel(out, ref) < 2e-3
         assert (out.double() - ref).abs().max() < 1e-2 * ref.abs().max()
+
+
+@gpu
+@pytest.mark.parametrize("build", ["kv4", "kv4w8"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_ignores_what_lies_past_the_length(build, head_dim):
+    """The first tiles are read before the kernel knows the length: rows past it (random codes,
+    NaN scales and zeros) must not reach the output, whatever the partition boundaries."""
+    gen = torch.Generator().manual_seed(31 + head_dim)
+    lengths = [5, 16, 47, 200]
+    cache, k, v = _filled_cache(len(lengths), 2, head_dim, lengths, gen, capacity=256)
+    nan_word = 0x7E007E00  # fp16 NaN in both halves (a positive int32)
+    for b, n in enumerate(lengths):
+        for codes in (cache.k_codes, cache.v_codes):
+            codes[b, :, n:] = torch.randint(0, 256, codes[b, :, n:].shape, dtype=torch.uint8,
+                                            generator=gen).cuda()
+        cache.k_params[b, :, n:] = nan_word
+        cache.v_params[b, :, n:] = nan_word
+    q = _rand((len(lengths), 8, head_dim), 2.0, gen)
+    ref = kk.reference_decode_attention(q, k, v, lengths)
+    for chunk in (64, 128, 256):
+        out = torch.full_like(q, float("nan")).cuda()
+        cache.attend(q.cuda(), plan=kk.SplitPlan(-(-256 // chunk), chunk, build), out=out)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all(), chunk
+        assert _rel(out.cpu(), ref) < 2e-3, chunk
 
 
 @gpu
