@@ -2,12 +2,17 @@
 
   python experiments/bench_attention.py --out DIR        # on the GPU: checks, timings, CSV + MD
   python experiments/bench_attention.py --plot CSV       # anywhere: the PNG from a results CSV
+  python experiments/bench_attention.py --ablate --out DIR   # kernel variants x key rows (GPU)
+  python experiments/bench_attention.py --single gqa_32q_8kv 16 2048 kv4w8 1   # a few calls of one
+        row and build (split-K partitions S, 0 = planned), e.g. under ncu
 
 Variants timed side by side in the same process on the same data:
-  kv4   our kernel on the 4-bit cache (codes + fp16 scale/zero per token per head), split-K
-        partitions from the planner; kv4_best: the fastest of a sweep over partition counts and
-        over the 4- and 8-stage ring builds (a check of the planner's model)
-  fp16  the same kernel reading the FP16 cache
+  kv4   our kernel on the 4-bit cache (codes + fp16 scale/zero per token per head): the round-2
+        planner's pick of build (round 2's with 4 or 8 warps a CTA, or round 1's) and split-K
+        partitions; kv4_best: the fastest of a sweep over partition counts and the three builds
+        (a check of the planner's model)
+  v3    round 1's 4-bit kernel (heads on the mma M dimension) alone, planned the same way
+  fp16  round 1's kernel body reading the FP16 cache
   sdpa  torch scaled_dot_product_attention on the FP16 cache [B, Hkv, L, D] (enable_gqa for GQA)
 All sequences of a row have the same length L (the SDPA baseline then needs no mask, its fastest
 path). Each call is timed inside a CUDA graph (launch gaps as in a real decode step), median of
@@ -41,7 +46,22 @@ CONTEXTS = [512, 2048, 8192]
 ROTATE_BYTES = 200e6  # > 2 x the 50 MB L2 for the smallest of the variants' working sets
 TOL = 2e-3
 SWEEP_SPLITS = (1, 2, 4, 8, 16)
-SWEEP_BUILDS = ("kv4", "kv4deep")
+SWEEP_BUILDS = ("kv4", "kv4w8", "kv4v3")
+CHECK_BUILDS = ("kv4", "kv4w8", "kv4s6", "kv4v3")
+# Ablation of the round-2 kernel: (label, build, NVRTC options), timed side by side on key rows
+# (the target rows, a bandwidth-bound one, and a tiny one that shows the fixed cost of a call).
+ABLATIONS = [
+    ("kv4", "kv4", ()),
+    ("kv4 V loads late", "kv4", ("-DKV4M_EARLY_LOADS=0",)),
+    ("kv4 lane re-read (S2R)", "kv4", ("-DKV4M_PIN_LANE=0",)),
+    ("kv4 V rows unswizzled", "kv4", ("-DKV4M_SWIZZLE=0",)),
+    ("kv4 one score chain", "kv4", ("-DKV4M_SPLIT_ACC=0",)),
+    ("kv4s6 (6-stage rings)", "kv4s6", ()),
+    ("kv4w8 (8 warps)", "kv4w8", ()),
+    ("v3 (round 1)", "kv4v3", ()),
+]
+ABLATION_ROWS = [("llama7b_mha", 16, 2048), ("gqa_32q_8kv", 64, 2048), ("gqa_32q_8kv", 16, 8192),
+                 ("gqa_32q_8kv", 16, 2048), ("llama7b_mha", 256, 2048), ("gqa_32q_8kv", 16, 64)]
 
 
 def log(msg: str) -> None:
@@ -130,6 +150,12 @@ def same_encoding(cache, which, rows, b, clip) -> bool:
     return all(torch.equal(getattr(got, f), getattr(expect, f)) for f in ("codes", "scales", "zeros"))
 
 
+def poisoned_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error of a NaN-poisoned output, inf if any element was left unwritten."""
+    torch.cuda.synchronize()
+    return rel(out, ref) if torch.isfinite(out).all() else math.inf
+
+
 def check_correctness() -> list[dict]:
     records = []
     gen = torch.Generator(device="cuda").manual_seed(1234)
@@ -150,31 +176,28 @@ def check_correctness() -> list[dict]:
             dev_len = cache.lengths
             for chunk in (None, 64, 4160):
                 plan = None if chunk is None else kk.SplitPlan(-(-max(lengths) // chunk), chunk)
-                out4 = torch.full_like(q, float("nan"))
-                cache.attend(q, plan=plan, out=out4)
-                out16 = torch.full_like(q, float("nan"))
-                kk.decode_attention_fp16(q, k, v, dev_len, max(lengths), plan=plan, out=out16)
-                deep = kk.SplitPlan(plan.splits, plan.chunk, "kv4deep") if plan else \
-                    kk.SplitPlan(4, 1088, "kv4deep")
-                out8 = torch.full_like(q, float("nan"))
-                kk.decode_attention_kv4(q, cache.k_codes, cache.k_params, cache.v_codes,
-                                        cache.v_params, dev_len, max(lengths), plan=deep, out=out8)
-                torch.cuda.synchronize()
                 rec = dict(head_dim=D, kv_heads=kv_heads, group=group, chunk=chunk or "plan",
-                           append_exact=exact_codes,
-                           kv4_written=bool(torch.isfinite(out4).all()),
-                           kv4_err=rel(out4, ref4),
-                           fp16_written=bool(torch.isfinite(out16).all()),
-                           fp16_err=rel(out16, ref16),
-                           deep_err=rel(out8, ref4) if torch.isfinite(out8).all() else math.inf)
-                rec["ok"] = (rec["append_exact"] and rec["kv4_written"] and rec["fp16_written"]
-                             and rec["kv4_err"] < TOL and rec["fp16_err"] < TOL
-                             and rec["deep_err"] < TOL)
+                           append_exact=exact_codes)
+                out = torch.full_like(q, float("nan"))
+                cache.attend(q, plan=plan, out=out)  # planned build
+                rec["kv4_err"] = poisoned_err(out, ref4)
+                for build in CHECK_BUILDS:  # each build, planned splits or this row's
+                    p = kk.SplitPlan(plan.splits, plan.chunk, build) if plan else \
+                        kk.SplitPlan(3, 1408, build)
+                    out = torch.full_like(q, float("nan"))
+                    kk.decode_attention_kv4(q, cache.k_codes, cache.k_params, cache.v_codes,
+                                            cache.v_params, dev_len, max(lengths), plan=p, out=out)
+                    rec[f"{build}_err"] = poisoned_err(out, ref4)
+                out = torch.full_like(q, float("nan"))
+                kk.decode_attention_fp16(q, k, v, dev_len, max(lengths), plan=plan, out=out)
+                rec["fp16_err"] = poisoned_err(out, ref16)
+                errs = [v_ for k_, v_ in rec.items() if k_.endswith("_err")]
+                rec["ok"] = exact_codes and max(errs) < TOL
                 records.append(rec)
                 log(f"  check D={D} kv={kv_heads} g={group} chunk={rec['chunk']}: "
-                    f"append_exact={exact_codes} kv4_err={rec['kv4_err']:.2e} "
-                    f"fp16_err={rec['fp16_err']:.2e} deep_err={rec['deep_err']:.2e} "
-                    f"{'ok' if rec['ok'] else 'FAIL'}")
+                    f"append_exact={exact_codes} " +
+                    " ".join(f"{k_}={v_:.2e}" for k_, v_ in rec.items() if k_.endswith("_err")) +
+                    f" {'ok' if rec['ok'] else 'FAIL'}")
     return records
 
 
@@ -215,6 +238,7 @@ def bench_row(name, Hq, Hkv, B, L, bw, D=HEAD_DIM) -> dict | None:
     group = Hq // Hkv
     head_blocks = -(-group // kk.HEADS_PER_CTA)
     plan4 = _plan("kv4", B * Hkv * head_blocks, L)
+    plan_v3 = _plan("kv4", B * Hkv * head_blocks, L, builds=("kv4v3",))
     plan16 = _plan("fp16", B * Hkv * head_blocks, L)
     gqa = Hq != Hkv
 
@@ -231,23 +255,28 @@ def bench_row(name, Hq, Hkv, B, L, bw, D=HEAD_DIM) -> dict | None:
         return F.scaled_dot_product_attention(s["q"].unsqueeze(2), s["k"], s["v"],
                                               enable_gqa=gqa).squeeze(2)
 
+    def v3(s):
+        return kv4(s, plan_v3)
+
     # Correctness on this row's data: first and last sequence against float64 references.
-    errs = dict(kv4=0.0, fp16=0.0, sdpa=0.0)
+    errs = dict(kv4=0.0, v3=0.0, fp16=0.0, sdpa=0.0)
     s0["out4"].fill_(float("nan"))
     s0["out16"].fill_(float("nan"))
-    outs = dict(kv4=kv4(s0), fp16=fp16(s0), sdpa=sdpa(s0))
+    outs = dict(kv4=kv4(s0).clone(), fp16=fp16(s0), sdpa=sdpa(s0))
+    s0["out4"].fill_(float("nan"))
+    outs["v3"] = v3(s0)
     for b in sorted({0, B - 1}):
         sl = slice(b, b + 1)
         ref4 = kk.reference_decode_attention(s0["q"][sl], s0["k"][sl], s0["v"][sl], [L])
         ref16 = kk.reference_decode_attention(s0["q"][sl], s0["k"][sl], s0["v"][sl], [L],
                                               quantized=False)
-        for name_, ref in (("kv4", ref4), ("fp16", ref16), ("sdpa", ref16)):
+        for name_, ref in (("kv4", ref4), ("v3", ref4), ("fp16", ref16), ("sdpa", ref16)):
             o = outs[name_][sl]
             errs[name_] = max(errs[name_], rel(o, ref) if torch.isfinite(o).all() else math.inf)
     exact = same_encoding(s0["cache"], "v", s0["v"][B - 1], B - 1, 1.0)
 
     results = {}
-    for vname, fn in (("kv4", kv4), ("fp16", fp16), ("sdpa", sdpa)):
+    for vname, fn in (("kv4", kv4), ("v3", v3), ("fp16", fp16), ("sdpa", sdpa)):
         results[vname] = time_calls([lambda s=s, fn=fn: fn(s) for s in sets])
     sweep = {(plan4.kernel, plan4.splits): results["kv4"][0]}
     for build in SWEEP_BUILDS:
@@ -257,7 +286,6 @@ def bench_row(name, Hq, Hkv, B, L, bw, D=HEAD_DIM) -> dict | None:
             if (build, p.splits) not in sweep:
                 sweep[(build, p.splits)] = time_calls([lambda s=s, p=p: kv4(s, p) for s in sets])[0]
     best = min(sweep, key=sweep.get)
-    deep_best = min((v for k_, v in sweep.items() if k_[0] == "kv4deep"), default=math.nan)
 
     def traffic(cache_bytes, plan):
         partials = 2 * B * Hq * plan.splits * (D + 1) * 4 if plan.splits > 1 else 0
@@ -265,34 +293,38 @@ def bench_row(name, Hq, Hkv, B, L, bw, D=HEAD_DIM) -> dict | None:
 
     bytes4, bytes16 = traffic(cache_kv4, plan4), traffic(cache_fp16, plan16)
     bytes_sdpa = cache_fp16 + 2 * B * Hq * D * 2
-    t4, t16, ts = (results[v][0] for v in ("kv4", "fp16", "sdpa"))
+    t4, tv3, t16, ts = (results[v][0] for v in ("kv4", "v3", "fp16", "sdpa"))
     row = dict(
         config=name, q_heads=Hq, kv_heads=Hkv, head_dim=D, batch=B, context=L,
-        kv4_splits=plan4.splits, fp16_splits=plan16.splits, rotating_sets=nsets,
-        kv4_us=t4 * 1e6, fp16_us=t16 * 1e6, sdpa_us=ts * 1e6, kv4_best_us=sweep[best] * 1e6,
-        kv4_best_build=best[0], kv4_best_splits=best[1], kv4deep_best_us=deep_best * 1e6,
-        speedup_vs_sdpa=ts / t4, speedup_vs_fp16_kernel=t16 / t4,
+        kv4_build=plan4.kernel, kv4_splits=plan4.splits, v3_splits=plan_v3.splits,
+        fp16_splits=plan16.splits, rotating_sets=nsets,
+        kv4_us=t4 * 1e6, v3_us=tv3 * 1e6, fp16_us=t16 * 1e6, sdpa_us=ts * 1e6,
+        kv4_best_us=sweep[best] * 1e6, kv4_best_build=best[0], kv4_best_splits=best[1],
+        sweep=" ".join(f"{b_}/{n_}:{t_ * 1e6:.1f}" for (b_, n_), t_ in sorted(sweep.items())),
+        speedup_vs_sdpa=ts / t4, speedup_vs_v3=tv3 / t4, speedup_vs_fp16_kernel=t16 / t4,
         kv4_MB=bytes4 / 1e6, fp16_MB=bytes16 / 1e6,
         kv4_floor_us=bytes4 / bw * 1e6, fp16_floor_us=bytes_sdpa / bw * 1e6,
-        kv4_hbm_pct=100 * bytes4 / t4 / bw, fp16_hbm_pct=100 * bytes16 / t16 / bw,
-        sdpa_hbm_pct=100 * bytes_sdpa / ts / bw,
-        kv4_err=errs["kv4"], fp16_err=errs["fp16"], sdpa_err=errs["sdpa"], append_exact=exact,
+        kv4_hbm_pct=100 * bytes4 / t4 / bw, v3_hbm_pct=100 * traffic(cache_kv4, plan_v3) / tv3 / bw,
+        fp16_hbm_pct=100 * bytes16 / t16 / bw, sdpa_hbm_pct=100 * bytes_sdpa / ts / bw,
+        kv4_err=errs["kv4"], v3_err=errs["v3"], fp16_err=errs["fp16"], sdpa_err=errs["sdpa"],
+        append_exact=exact,
         append_GBps=(B * Hkv * L * D * 2 * 2 + cache_kv4) / append_s / 1e9,
         timing="/".join(sorted({results[v][1] for v in results})),
         spread_pct=100 * max(results[v][2] for v in results),
     )
     log(f"  {name:12s} B={B:3d} L={L:5d}: kv4 {row['kv4_us']:8.1f} us ({row['kv4_hbm_pct']:5.1f}% HBM,"
-        f" {plan4.splits} splits)  fp16 {row['fp16_us']:8.1f} us ({row['fp16_hbm_pct']:5.1f}%)  "
-        f"sdpa {row['sdpa_us']:8.1f} us ({row['sdpa_hbm_pct']:5.1f}%)  x{row['speedup_vs_sdpa']:.2f}"
-        f"  best {row['kv4_best_us']:.1f} ({best[0]} S={best[1]}) deep {row['kv4deep_best_us']:.1f}"
-        f"  err {row['kv4_err']:.1e}/{row['fp16_err']:.1e}/{row['sdpa_err']:.1e}")
+        f" {plan4.kernel} S={plan4.splits})  v3 {row['v3_us']:8.1f}  fp16 {row['fp16_us']:8.1f}"
+        f"  sdpa {row['sdpa_us']:8.1f} us ({row['sdpa_hbm_pct']:5.1f}%)  x{row['speedup_vs_sdpa']:.2f}"
+        f"  sweep {row['sweep']}"
+        f"  err {row['kv4_err']:.1e}/{row['v3_err']:.1e}/{row['fp16_err']:.1e}/"
+        f"{row['sdpa_err']:.1e}")
     del sets, outs
     torch.cuda.empty_cache()
     return row
 
 
-def _plan(family: str, ctas: int, max_len: int) -> kk.SplitPlan:
-    shapes = kk.kernel_shapes(family, HEAD_DIM, torch.cuda.current_device())
+def _plan(family: str, ctas: int, max_len: int, builds=None) -> kk.SplitPlan:
+    shapes = kk.kernel_shapes(family, HEAD_DIM, torch.cuda.current_device(), builds=builds)
     return kk.plan_splits(ctas, max_len, kk._token_bytes(family, HEAD_DIM), shapes)
 
 
@@ -318,11 +350,13 @@ def write_markdown(rows, checks, env, path: Path) -> None:
     lines += [f"- {k}: {v}" for k, v in env.items()]
     lines += ["", "Equal lengths per row (SDPA without a mask, its fastest path). Times: median per "
               "call inside CUDA graphs, rotating inputs larger than L2. HBM % = bytes moved / time "
-              "/ copy bandwidth. Sweep: split-K partition counts S in 1..16 for the 4-stage (kv4) and "
-              "8-stage (kv4deep) ring builds, a check of the planner's cost model.", ""]
-    lines.append("| config | batch | context | kv4 us | fp16 kernel us | SDPA us | x SDPA | "
-                 "x fp16 kernel | kv4 HBM % | fp16 kernel HBM % | SDPA HBM % | kv4 floor us | "
-                 "splits | kv4 err | sweep best us (build, S) | 8-stage best us | target |")
+              "/ copy bandwidth. kv4: the planner's build and split-K partitions S (kv4 / kv4w8: "
+              "round-2 kernel with 4 / 8 warps a CTA; kv4v3: round 1's kernel); v3: round 1's "
+              "kernel alone. Sweep: S in 1..16 for the three builds, a check of the planner's "
+              "cost model.", ""]
+    lines.append("| config | batch | context | kv4 us | v3 us | fp16 kernel us | SDPA us | x SDPA | "
+                 "x v3 | kv4 HBM % | v3 HBM % | SDPA HBM % | kv4 floor us | build, S | kv4 err | "
+                 "sweep best us (build, S) | target |")
     lines.append("|" + "---|" * 17)
     for r in rows:
         target = ""
@@ -332,21 +366,22 @@ def write_markdown(rows, checks, env, path: Path) -> None:
                                        f"{r['kv4_hbm_pct']:.0f}%)")
         lines.append(
             f"| {r['config']} | {r['batch']} | {r['context']} | {r['kv4_us']:.1f} | "
-            f"{r['fp16_us']:.1f} | {r['sdpa_us']:.1f} | {r['speedup_vs_sdpa']:.2f} | "
-            f"{r['speedup_vs_fp16_kernel']:.2f} | {r['kv4_hbm_pct']:.1f} | {r['fp16_hbm_pct']:.1f} | "
-            f"{r['sdpa_hbm_pct']:.1f} | {r['kv4_floor_us']:.1f} | {r['kv4_splits']} | "
-            f"{r['kv4_err']:.1e} | {r['kv4_best_us']:.1f} ({r['kv4_best_build']}, "
-            f"{r['kv4_best_splits']}) | {r['kv4deep_best_us']:.1f} | {target} |")
+            f"{r['v3_us']:.1f} | {r['fp16_us']:.1f} | {r['sdpa_us']:.1f} | "
+            f"{r['speedup_vs_sdpa']:.2f} | {r['speedup_vs_v3']:.2f} | {r['kv4_hbm_pct']:.1f} | "
+            f"{r['v3_hbm_pct']:.1f} | {r['sdpa_hbm_pct']:.1f} | {r['kv4_floor_us']:.1f} | "
+            f"{r['kv4_build']}, {r['kv4_splits']} | {r['kv4_err']:.1e} | {r['kv4_best_us']:.1f} "
+            f"({r['kv4_best_build']}, {r['kv4_best_splits']}) | {target} |")
     lines += ["", "Memory per cached token (K + V, all KV heads, head_dim 128):", "",
               "| config | 4-bit bytes | FP16 bytes | ratio |", "|---|---|---|---|"]
     for name, _, hkv in CONFIGS:
         q4, f16 = kv_bytes_per_token(HEAD_DIM, hkv), 2 * hkv * HEAD_DIM * 2
         lines.append(f"| {name} | {q4} | {f16} | {q4 / f16:.4f} |")
     n_ok = sum(c["ok"] for c in checks)
+    worst = {b: max(c[f"{b}_err"] for c in checks) for b in CHECK_BUILDS + ("fp16",)}
     lines += ["", f"Correctness checks (ragged lengths 1..4099, poisoned outputs, head_dim 64/128, "
-              f"GQA groups 1/3/4/8/12, split plans): {n_ok}/{len(checks)} passed, max kv4 error "
-              f"{max(c['kv4_err'] for c in checks):.2e}, max fp16-kernel error "
-              f"{max(c['fp16_err'] for c in checks):.2e} (relative Frobenius vs float64)."]
+              f"GQA groups 1/3/4/8/12, split plans, every build): {n_ok}/{len(checks)} passed; "
+              f"max error per build " + ", ".join(f"{b} {e:.2e}" for b, e in worst.items()) +
+              " (relative Frobenius vs float64)."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -357,16 +392,19 @@ def plot(csv_path: Path, png_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = list(csv.DictReader(csv_path.open()))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=False)
-    for ax, (name, _, _) in zip(axes, CONFIGS):
+    names = [c[0] for c in CONFIGS if any(r["config"] == c[0] for r in rows)]
+    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
         sub = [r for r in rows if r["config"] == name]
         labels = [f"B{r['batch']}\nL{r['context']}" for r in sub]
         x = range(len(sub))
         w = 0.27
-        for i, (col, lab) in enumerate((("kv4_us", "4-bit KV (ours)"),
-                                        ("fp16_us", "FP16 KV (same kernel)"),
+        w = 0.21
+        for i, (col, lab) in enumerate((("kv4_us", "4-bit KV (round 2)"),
+                                        ("v3_us", "4-bit KV (round 1)"),
+                                        ("fp16_us", "FP16 KV (round-1 kernel)"),
                                         ("sdpa_us", "FP16 KV (torch SDPA)"))):
-            ax.bar([j + (i - 1) * w for j in x], [float(r[col]) for r in sub], w, label=lab)
+            ax.bar([j + (i - 1.5) * w for j in x], [float(r[col]) for r in sub], w, label=lab)
         ax.scatter(list(x), [float(r["kv4_floor_us"]) for r in sub], marker="_", s=200,
                    color="k", label="4-bit HBM floor", zorder=3)
         ax.set_yscale("log")
@@ -379,13 +417,87 @@ def plot(csv_path: Path, png_path: Path) -> None:
     fig.savefig(png_path, dpi=130)
 
 
+def ablate(out_dir: Path) -> None:
+    """Time every ABLATIONS variant (1 and 2 partitions) on ABLATION_ROWS, each checked first."""
+    records = []
+    for config, B, L in ABLATION_ROWS:
+        _, hq, hkv = next(c for c in CONFIGS if c[0] == config)
+        cache_kv4 = B * hkv * L * (HEAD_DIM // 2 + 4) * 2
+        sets = [make_set(B, hq, hkv, L, HEAD_DIM)
+                for _ in range(max(1, min(256, math.ceil(ROTATE_BYTES / cache_kv4))))]
+        for s in sets:
+            s["cache"].append(s["k"], s["v"])
+        s0 = sets[0]
+        ref = kk.reference_decode_attention(s0["q"][:1], s0["k"][:1], s0["v"][:1], [L])
+        line = []
+        for label, build, opts in ABLATIONS:
+            for n in (1, 2):
+                chunk = kk._align(-(-L // n), kk.CHUNK_ALIGN)
+                plan = kk.SplitPlan(-(-L // chunk), chunk, build)
+
+                def call(s, plan=plan, opts=opts):
+                    c = s["cache"]
+                    kk.decode_attention_kv4(s["q"], c.k_codes, c.k_params, c.v_codes, c.v_params,
+                                            c.lengths, L, plan=plan, out=s["out4"],
+                                            compile_options=opts)
+                s0["out4"].fill_(float("nan"))
+                call(s0)
+                err = poisoned_err(s0["out4"][:1], ref)
+                t = time_calls([lambda s=s: call(s) for s in sets])[0] if err < TOL else math.nan
+                records.append(dict(config=config, batch=B, context=L, variant=label,
+                                    splits=plan.splits, us=t * 1e6, err=err))
+                line.append(f"{label}/S{plan.splits} {t * 1e6:.1f}")
+        log(f"  ablate {config} B={B} L={L}: " + " | ".join(line))
+        del sets
+        torch.cuda.empty_cache()
+    (out_dir / "attention_ablation.json").write_text(json.dumps(records, indent=1))
+    rows = sorted({(r["config"], r["batch"], r["context"]) for r in records},
+                  key=lambda r: ABLATION_ROWS.index(r))
+    lines = ["| variant | S | " + " | ".join(f"{c} B{b} L{l}" for c, b, l in rows) + " |",
+             "|---|---|" + "---|" * len(rows)]
+    for label, _, _ in ABLATIONS:
+        for n in (1, 2):
+            cells = [next((f"{r['us']:.1f}" for r in records if r["variant"] == label and
+                           (r["config"], r["batch"], r["context"]) == row and r["splits"] == n), "")
+                     for row in rows]
+            lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
+    (out_dir / "attention_ablation.md").write_text("\n".join(lines) + "\n")
+    log("\n".join(lines))
+
+
+def single(config: str, B: int, L: int, build: str, splits: int) -> None:
+    """A few calls of one row and build, nothing else (a target for a profiler)."""
+    _, hq, hkv = next(c for c in CONFIGS if c[0] == config)
+    s = make_set(B, hq, hkv, L, HEAD_DIM)
+    c = s["cache"]
+    c.append(s["k"], s["v"])
+    plan = None
+    if splits:
+        chunk = kk._align(-(-L // splits), kk.CHUNK_ALIGN)
+        plan = kk.SplitPlan(-(-L // chunk), chunk, build)
+    for _ in range(3):
+        kk.decode_attention_kv4(s["q"], c.k_codes, c.k_params, c.v_codes, c.v_params, c.lengths,
+                                L, plan=plan, out=s["out4"])
+    torch.cuda.synchronize()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("experiments/results"))
     ap.add_argument("--plot", type=Path, help="only draw the PNG from this CSV")
     ap.add_argument("--batches", type=int, nargs="*", default=BATCHES)
     ap.add_argument("--contexts", type=int, nargs="*", default=CONTEXTS)
+    ap.add_argument("--single", nargs=5, metavar=("CONFIG", "B", "L", "BUILD", "S"))
+    ap.add_argument("--ablate", action="store_true", help="only the kernel-variant ablation")
     args = ap.parse_args()
+    if args.ablate:
+        args.out.mkdir(parents=True, exist_ok=True)
+        ablate(args.out)
+        return 0
+    if args.single:
+        cfg, B, L, build, S = args.single
+        single(cfg, int(B), int(L), build, int(S))
+        return 0
     if args.plot:
         plot(args.plot, args.plot.with_suffix(".png"))
         return 0
@@ -398,7 +510,7 @@ def main() -> int:
                torch=torch.__version__, cupy=cupy.__version__)
     bw = copy_bandwidth()
     env["copy_bandwidth_GBps"] = round(bw / 1e9, 1)
-    for fmt in ("kv4", "kv4deep", "fp16"):
+    for fmt in kk.BUILDS:
         kern = kk._decode_kernel(fmt, HEAD_DIM)
         env[f"{fmt}_ctas_per_sm"] = kk._resident_ctas(fmt, HEAD_DIM, 0)[1]
         env[f"{fmt}_regs"] = getattr(kern, "num_regs", "?")
@@ -424,13 +536,14 @@ def main() -> int:
         plot(args.out / "attention_bench.csv", args.out / "attention_bench.png")
     except ImportError:
         log("matplotlib missing: draw the PNG later with --plot")
-    log("\nconfig        B     L   kv4_us  fp16_us  sdpa_us  xSDPA  kv4%HBM  target")
+    log("\nconfig        B     L   kv4_us    v3_us  sdpa_us  xSDPA  kv4%HBM  plan     best  target")
     for r in rows:
         t = ("met" if r["speedup_vs_sdpa"] >= 3 and r["kv4_hbm_pct"] >= 70 else "MISS") \
             if in_target(r) else ""
         log(f"{r['config']:12s} {r['batch']:3d} {r['context']:5d} {r['kv4_us']:8.1f} "
-            f"{r['fp16_us']:8.1f} {r['sdpa_us']:8.1f} {r['speedup_vs_sdpa']:6.2f} "
-            f"{r['kv4_hbm_pct']:7.1f}  {t}")
+            f"{r['v3_us']:8.1f} {r['sdpa_us']:8.1f} {r['speedup_vs_sdpa']:6.2f} "
+            f"{r['kv4_hbm_pct']:7.1f}  {r['kv4_build']}/{r['kv4_splits']:<3d} "
+            f"{r['kv4_best_us']:6.1f}  {t}")
     return 0 if all(c["ok"] for c in checks) else 1
 
 
