@@ -71,7 +71,7 @@ WG_VARIANTS = {"wg_m128": (128, 128, 384), "wgs_m128": (128, 128, 384)}
 GEMM_VARIANTS.update(WG_VARIANTS)
 GEMM_MODULES = {v: "w4a4_gemm_sm90" for v in WG_VARIANTS}  # others: "w4a4_gemm"
 WG_STAGES, WG_RING, WG_STAGE_K = 8, 4, 128  # as STAGES, RING, STAGE_K in the .cu file
-WG_MIN_M = 128  # choose_gemm_variant: wgmma from here up (measured: gemm_h100.md)
+WG_MIN_M = 128  # wgmma from here up: 1.2-1.4x tc_m64 at M = 256 (gemm_h100.md); 65..255 unmeasured
 
 # Quantize kernels: "row" (round 1) = one block a row, load then quantize; "ring" = persistent
 # blocks, each row staged by cp.async into one of two buffers while the previous one is quantized.
