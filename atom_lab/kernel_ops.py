@@ -15,6 +15,7 @@ The shape checks need no GPU; everything else needs CuPy and a CUDA device (atom
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import numpy as np
@@ -63,6 +64,16 @@ GEMV_GROUPS_PER_WARP = {("gemv_m8", 128): 8, ("gemv_m8", 64): 16,
                         ("gemv_m16", 128): 8, ("gemv_m16", 64): 14,
                         ("gemv2_m8", 128): 8, ("gemv2_m8", 64): 16,
                         ("gemv2_m16", 128): 7, ("gemv2_m16", 64): 12}
+# Round 4, small M (kernels/w4a4_gemv.cu, "stream"): a CTA of 8 warps a 16-row weight tile, the
+# warps split K and request their weights (two register chunks of 2 groups) before any arithmetic;
+# no shared-memory ring, one barrier. "_pdl": the same kernel launched with programmatic stream
+# serialization (cuLaunchKernelEx): it requests its weights while the previous kernel finishes and
+# waits for it (griddepcontrol.wait) before reading the activations. The weights must therefore
+# not be written by the kernel launched just before it (true of a model's weights).
+# variant -> (token tile, weight rows a CTA, threads)
+STREAM_VARIANTS = {"stream_m8": (8, 16, 256), "stream_m16": (16, 16, 256),
+                   "stream_m8_pdl": (8, 16, 256), "stream_m16_pdl": (16, 16, 256)}
+GEMM_VARIANTS.update(STREAM_VARIANTS)
 # Large M on Hopper (sm_90a, kernels/w4a4_gemm_sm90.cu): wgmma s8 with activations from
 # registers, a producer warpgroup unpacking the weight tile into shared memory, two consumer
 # warpgroups. wg: each consumer folds one 64-column half while the other half's wgmmas run;
@@ -429,6 +440,13 @@ def mixed_gemm(a: MixedQuantized, w: MixedQuantized, bias: torch.Tensor | None =
             if not auto:
                 raise
             variant = "skinny_m16n16"
+    if variant in STREAM_VARIANTS:
+        try:
+            _require_gemv_module(variant, tensors)
+        except KernelShapeError:
+            if not auto:
+                raise
+            variant = "skinny_m16n16"
     for i, t in enumerate(tensors):
         if not t.is_cuda or not t.is_contiguous():
             raise ValueError(f"mixed_gemm operands must be contiguous CUDA tensors (operand {i}: "
@@ -454,14 +472,24 @@ def mixed_gemm(a: MixedQuantized, w: MixedQuantized, bias: torch.Tensor | None =
         raise KernelShapeError(f"variant={variant} with K-k={kn}, G={a.group_size} needs {smem} bytes "
                                f"of shared memory (> {SMEM_PER_SM}); use tc_m64")
     grid = ((n + bn - 1) // bn, (m + bm - 1) // bm)
-    args = tuple(_ptr(t) for t in tensors) + (_ptr(bias), _ptr(y), np.int32(m), np.int32(n),
-                                              np.int32(kn), np.int32(k))
+    args = gemm_kernel_args(a, w, bias, y)
     if variant in GEMV_VARIANTS:
         _launch_gemv(variant, a.group_size, m, n, gemv_slots, args, dev)
+        return y
+    if variant in STREAM_VARIANTS:
+        _launch_stream(variant, a.group_size, grid, args, dev)
         return y
     _launch(GEMM_MODULES.get(variant, "w4a4_gemm"), f"w4a4_gemm_{variant}_g{a.group_size}", grid,
             (threads,), args, smem, dev)
     return y
+
+
+def gemm_kernel_args(a: MixedQuantized, w: MixedQuantized, bias: torch.Tensor | None,
+                     y: torch.Tensor) -> tuple:
+    """The arguments every GEMM kernel starts with (GEMM_ARGS / GEMV_ARGS in the .cu files)."""
+    return tuple(_ptr(t) for t in (a.normal, a.normal_scales, a.outlier, a.outlier_scales, w.normal,
+                                   w.normal_scales, w.outlier, w.outlier_scales, bias, y)) + (
+        np.int32(y.shape[0]), np.int32(y.shape[1]), np.int32(a.k_normal), np.int32(a.k_outliers))
 
 
 @functools.lru_cache(maxsize=None)
@@ -471,20 +499,26 @@ def _smem_opt_in_limit(index: int) -> int:
     return int(cupy.cuda.runtime.getDeviceProperties(index)["sharedMemPerBlockOptin"])
 
 
+def _require_gemv_module(variant: str, tensors) -> None:
+    """KernelShapeError unless kernels/w4a4_gemv.cu can run: sm_90 (bulk copies, mbarriers,
+    griddepcontrol) and 16-byte aligned operands (vector loads and bulk copies)."""
+    from atom_lab.cuda import compute_capability
+
+    if compute_capability() < (9, 0):
+        raise KernelShapeError(f"{variant}: the kernel needs sm_90 or newer, the GPU is "
+                               f"sm_{''.join(map(str, compute_capability()))}")
+    for i, t in enumerate(tensors):
+        if t.data_ptr() % 16:
+            raise KernelShapeError(f"{variant}: operand {i} is not 16-byte aligned")
+
+
 def gemv_plan(variant: str, kn: int, k: int, group_size: int, tensors) -> int:
     """Ring slots of a gemv launch; KernelShapeError (naming the reason) where it cannot run."""
     ng = kn // group_size
     most = GEMV_CONSUMERS * GEMV_GROUPS_PER_WARP[(variant, group_size)]
     if ng > most:
         raise KernelShapeError(f"{variant}: (K-k)/G = {ng} groups, the kernel holds at most {most}")
-    from atom_lab.cuda import compute_capability
-
-    if compute_capability() < (9, 0):
-        raise KernelShapeError(f"{variant}: bulk copies need sm_90 or newer, the GPU is "
-                               f"sm_{''.join(map(str, compute_capability()))}")
-    for i, t in enumerate(tensors):
-        if t.data_ptr() % 16:
-            raise KernelShapeError(f"{variant}: operand {i} is not 16-byte aligned")
+    _require_gemv_module(variant, tensors)
     index = tensors[0].device.index if tensors[0].device.index is not None else 0
     slot = 8 * (kn // 2) + 16 * ng + 8 * k + 16  # an octet of weight rows, as SlotLayout
     slots = min(GEMV_MAX_SLOTS, (_smem_opt_in_limit(index) - GEMV_BARRIER_BYTES)
@@ -504,6 +538,79 @@ def _launch_gemv(variant: str, group_size: int, m: int, n: int, slots: int, args
     grid = (min(sms, (n + octet - 1) // octet), (m + tile - 1) // tile)
     _launch("w4a4_gemv", f"w4a4_{variant}_g{group_size}", grid, (threads,), args + (np.int32(slots),),
             _smem_opt_in_limit(index), dev)
+
+
+def stream_kernel_name(variant: str, group_size: int) -> str:
+    """stream_m8 and stream_m8_pdl run one kernel, w4a4_stream_m8_g<G>; only the launch differs."""
+    return f"w4a4_{variant.removesuffix('_pdl')}_g{group_size}"
+
+
+def _launch_stream(variant: str, group_size: int, grid, args, dev) -> None:
+    """A CTA a 16-row weight tile and token tile; static shared memory only. The kernel takes the
+    gemv signature (its ring-slot count is unused)."""
+    name, threads = stream_kernel_name(variant, group_size), STREAM_VARIANTS[variant][2]
+    args = args + (np.int32(0),)
+    if variant.endswith("_pdl"):
+        launch_pdl(_kernel("w4a4_gemv", name, 0), grid, (threads,), args, 0, dev)
+    else:
+        _launch("w4a4_gemv", name, grid, (threads,), args, 0, dev)
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute (cuda.h): id, padding, 64-byte union
+    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_ubyte * 4), ("value", ctypes.c_ubyte * 64)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h)
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3),
+                ("shared_mem_bytes", ctypes.c_uint), ("stream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
+PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+@functools.lru_cache(maxsize=1)
+def _driver():
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                                     ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    lib.cuLaunchKernelEx.restype = ctypes.c_int
+    lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    return lib
+
+
+def _kernel_param(value) -> ctypes._SimpleCData:
+    if isinstance(value, np.int32):
+        return ctypes.c_int32(int(value))
+    if isinstance(value, np.float32):
+        return ctypes.c_float(float(value))
+    return ctypes.c_uint64(int(value))  # device pointers (np.uint64)
+
+
+def launch_pdl(kernel, grid, block, args, smem: int, device: torch.device) -> None:
+    """Launch a CuPy RawKernel on torch's current stream with programmatic stream serialization
+    (cuLaunchKernelEx through ctypes: CuPy's launch takes no attributes). The kernel may start
+    before the previous kernel in the stream has finished; it must execute griddepcontrol.wait
+    before touching anything that kernel writes. Works under CUDA-graph capture (a programmatic
+    edge)."""
+    import cupy
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    params = [_kernel_param(a) for a in args]
+    pointers = (ctypes.c_void_p * len(params))(*[ctypes.addressof(p) for p in params])
+    attr = _LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value[0] = 1  # programmaticStreamSerializationAllowed
+    grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
+    config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), smem,
+                           torch.cuda.current_stream(index).cuda_stream, ctypes.pointer(attr), 1)
+    with cupy.cuda.Device(index):
+        function = kernel.kernel.ptr  # compiles and loads the module on first use
+        rc = _driver().cuLaunchKernelEx(ctypes.byref(config), function, pointers, None)
+    if rc != 0:
+        msg = ctypes.c_char_p()
+        _driver().cuGetErrorString(rc, ctypes.byref(msg))
+        raise RuntimeError(f"cuLaunchKernelEx (programmatic serialization) failed: error {rc} "
+                           f"({(msg.value or b'?').decode()})")
 
 
 def quantized_linear(x: torch.Tensor, w: MixedQuantized, clip: float = 1.0,

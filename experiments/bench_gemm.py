@@ -164,7 +164,7 @@ def check_gemm() -> bool:
         ref = decode_mixed(a, torch.float64) @ decode_mixed(w, torch.float64).T
         if bias is not None:
             ref += bias.double()
-        for variant in SMALL_VARIANTS if SMALL_ONLY else runnable_variants():
+        for variant in small_variants() if SMALL_ONLY else runnable_variants():
             y = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
             ko.mixed_gemm(a, w, bias, variant=variant, out=y)
             torch.cuda.synchronize()
@@ -289,21 +289,51 @@ def int_mm_padded(x8: torch.Tensor, w8t: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(pad, w8t)[: x8.shape[0]]
 
 
-SMALL_ONLY = False  # --small: round 1 and 2's dispatched small-M kernels against round 3's gemv
-SMALL_VARIANTS = ("skinny_m16n16", "ring_m16n16", "gemv_m8", "gemv_m16", "gemv2_m8", "gemv2_m16")
+SMALL_ONLY = False  # --small: the dispatched small-M kernels of rounds 1 and 3 against round 4's
+SMALL_VARIANTS = ("skinny_m16n16", "gemv2_m8", "gemv2_m16", "stream_m8", "stream_m16",
+                  "stream_m8_pdl", "stream_m16_pdl")
+PDL_OK = True  # set by probe_pdl(): False drops the "_pdl" launches (reported in the log)
+QUANT_SWEEP = True  # --no-quant: time only the dispatched quantize kernel, check none
+
+
+def probe_pdl() -> bool:
+    """A programmatic-serialization launch must run eagerly and inside a captured graph, and give
+    the plain launch's bits; otherwise the _pdl variants are left out of this run."""
+    try:
+        a = encode_mixed(activations(3, 1152), 128, 4, GROUP, A_CLIP)
+        w = encode_mixed((torch.randn(72, 1152, device="cuda") * 0.05).half(), 128, 4, GROUP, 0.85)
+        plain = ko.mixed_gemm(a, w, variant="stream_m8")
+        eager = ko.mixed_gemm(a, w, variant="stream_m8_pdl")
+        graph, ys = torch.cuda.CUDAGraph(), []
+        with torch.cuda.graph(graph):
+            for _ in range(3):
+                ys.append(ko.mixed_gemm(a, w, variant="stream_m8_pdl"))
+        graph.replay()
+        torch.cuda.synchronize()
+        same = torch.equal(plain, eager) and all(torch.equal(plain, y) for y in ys)
+        log(f"PDL launch probe: {'same bits as the plain launch' if same else 'DIFFERENT bits'}")
+        return same
+    except Exception as exc:  # noqa: BLE001 -- any failure only drops the variants, reported
+        log(f"PDL launch unusable here, _pdl variants dropped: {exc!r}")
+        return False
+
+
+def small_variants() -> list[str]:
+    return [v for v in SMALL_VARIANTS if PDL_OK or not v.endswith("_pdl")]
 
 
 def runnable_variants() -> list[str]:
     """Every GEMM variant this GPU runs (the wgmma ones need sm_90a)."""
-    return [v for v in ko.GEMM_VARIANTS if v not in ko.WG_VARIANTS or ko.has_wgmma()]
+    return [v for v in ko.GEMM_VARIANTS if (v not in ko.WG_VARIANTS or ko.has_wgmma())
+            and (PDL_OK or not v.endswith("_pdl"))]
 
 
 def applicable_variants(m: int) -> list[str]:
     if SMALL_ONLY:
-        return list(SMALL_VARIANTS)
+        return small_variants()
     return [v for v in runnable_variants()
             if (v.startswith(("tc", "wg")) or (m <= 256 and v.startswith("skinny")) or m <= 64)
-            and not (v.startswith("gemv") and m > 16)]  # gemv: one token tile a launch row
+            and not (v.startswith(("gemv", "stream")) and m > 16)]  # one token tile a launch row
 
 
 def bench_quantize_only(k_total: int, ms: list, ceil: dict, variant_rows: list) -> None:
@@ -345,9 +375,10 @@ def bench_shape(k_total: int, n: int, ceil: dict, rows: list, variant_rows: list
         s8row = s8[None, :]
 
         timer = timed_graph if m <= GRAPH_MAX_M else timed  # one method for every contender
+        quant_variants = ko.QUANT_VARIANTS if QUANT_SWEEP else [ko.choose_quant_variant(m, k_total)]
         t_qvar = {v: timed_graph([lambda x=x, v=v: ko.quantize_mixed(x, OUTLIERS, 4, GROUP, A_CLIP,
                                                                      idx, variant=v) for x in xs])
-                  for v in ko.QUANT_VARIANTS}
+                  for v in quant_variants}
         t_quant = t_qvar[ko.choose_quant_variant(m, k_total)]
         t_var = {}
         for v in applicable_variants(m):
@@ -421,6 +452,145 @@ def profile_target() -> None:
             for v in ("row", "wide", "wide4"):
                 ko.quantize_mixed(x, OUTLIERS, 4, GROUP, A_CLIP, idx, variant=v)
     torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------ timeline
+
+TIMELINE_OPTIONS = ("-DGEMV_TIMELINE",)  # kernels/gemv_timeline.cuh: record layout
+TL_POINTS = 7
+TL_WORDS = 2 * TL_POINTS + 1
+TL_PHASES = ("entry", "prologue", "first data", "last data", "compute", "reduce", "store")
+TIMELINE_LAUNCHES = 24
+TIMELINE_VARIANTS = ((1, ("skinny_m16n16", "gemv2_m8", "stream_m8", "stream_m8_pdl")),
+                     (16, ("skinny_m16n16", "gemv2_m16", "stream_m16", "stream_m16_pdl")))
+
+
+def timeline_launcher(variant: str, a: MixedQuantized, w: MixedQuantized, y: torch.Tensor,
+                      record: torch.Tensor):
+    """(CTAs, closure) launching the -DGEMV_TIMELINE build of a small-M kernel with its record
+    buffer: the launch geometry of mixed_gemm for skinny, gemv2 and stream."""
+    import cupy
+    import numpy as np
+
+    from atom_lab.cuda import get_kernel, torch_current_stream
+
+    dev, (m, n), g = y.device, y.shape, a.group_size
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    tile, rows, threads = ko.GEMM_VARIANTS[variant]
+    args = ko.gemm_kernel_args(a, w, None, y)
+    if variant.startswith("skinny"):
+        module, name, smem, extra = "w4a4_gemm", f"w4a4_gemm_{variant}_g{g}", 0, ()
+        grid = (-(-n // rows), -(-m // tile))
+    elif variant in ko.GEMV_VARIANTS:
+        tensors = [a.normal, a.normal_scales, a.outlier, a.outlier_scales,
+                   w.normal, w.normal_scales, w.outlier, w.outlier_scales]
+        slots = ko.gemv_plan(variant, a.k_normal, a.k_outliers, g, tensors)
+        module, name, extra = "w4a4_gemv", f"w4a4_{variant}_g{g}", (np.int32(slots),)
+        smem = ko._smem_opt_in_limit(index) - 1024  # the record takes static shared memory
+        grid = (min(torch.cuda.get_device_properties(index).multi_processor_count, -(-n // 8)),
+                -(-m // tile))
+    else:
+        module, name, smem = "w4a4_gemv", ko.stream_kernel_name(variant, g), 0
+        extra, grid = (np.int32(0),), (-(-n // rows), -(-m // tile))
+    kernel = get_kernel(module, name, TIMELINE_OPTIONS)
+    if smem > ko.DEFAULT_SMEM:
+        kernel.max_dynamic_shared_size_bytes = smem
+    args = args + extra + (np.uint64(record.data_ptr()),)
+    if variant.endswith("_pdl"):
+        return grid[0] * grid[1], lambda: ko.launch_pdl(kernel, grid, (threads,), args, smem, dev)
+
+    def launch():
+        with cupy.cuda.Device(index), torch_current_stream(index):
+            kernel(grid, (threads,), args, shared_mem=smem)
+    return grid[0] * grid[1], launch
+
+
+def summarize_timeline(rec: torch.Tensor) -> dict:
+    """rec [launches, CTAs, TL_WORDS] of one graph replay -> medians in microseconds. Launch 0 is
+    left out (nothing before it in the graph)."""
+    origin = rec[1:, :, 0].min()  # ns since the epoch: subtract before going to float
+    gt = (rec[1:, :, :TL_POINTS] - origin).double() / 1e3  # us
+    ck = rec[1:, :, TL_POINTS:2 * TL_POINTS].double()
+    start, end = gt[:, :, 0].min(1).values, gt[:, :, 6].max(1).values
+    rel = gt - start[:, None, None]
+    med = lambda t: float(t.median())  # noqa: E731
+    stamps = torch.unique(rec[1:, :, :TL_POINTS].flatten())
+    steps = stamps[1:] - stamps[:-1]
+    return {
+        "period_us": float((start[-1] - start[0]) / (len(start) - 1)),
+        "span_us": med(end - start), "gap_us": med(start[1:] - end[:-1]),
+        "entry_spread_us": med(rel[:, :, 0].max(1).values),
+        "prologue_us": med(rel[:, :, 1] - rel[:, :, 0]),
+        "first_data_us": med(rel[:, :, 2].min(1).values),
+        "cta_first_data_us": med(rel[:, :, 2] - rel[:, :, 0]),
+        "cta_last_data_us": med(rel[:, :, 3] - rel[:, :, 0]),
+        "last_data_us": med(rel[:, :, 3].max(1).values),
+        "compute_after_data_us": med(rel[:, :, 4] - rel[:, :, 3]),
+        "reduce_us": med(rel[:, :, 5] - rel[:, :, 4]),
+        "store_us": med(rel[:, :, 6] - rel[:, :, 5]),
+        "cta_span_us": med(rel[:, :, 6] - rel[:, :, 0]),
+        "sm_ghz": med((ck[:, :, 6] - ck[:, :, 0]) / (gt[:, :, 6] - gt[:, :, 0]) / 1e3),
+        "timer_step_ns": int(steps[steps > 0].min()) if (steps > 0).any() else 0,
+        "ctas_per_sm": float(torch.bincount(rec[1, :, 2 * TL_POINTS].long()).max()),
+    }
+
+
+def timeline(out: Path, slug: str) -> None:
+    """--timeline: where the time of the small-M kernels goes at (K, N) = (4096, 4096), M = 1 and
+    16: debug builds record per-CTA phase timestamps (kernels/gemv_timeline.cuh) in a captured
+    graph of TIMELINE_LAUNCHES back-to-back launches on rotating weights, as timed_graph runs
+    them; plus what an empty kernel costs a graph node. Writes gemm_<gpu>_timeline.csv (one row
+    a kernel) and gemm_<gpu>_timeline_ctas.csv (launches 1-3, every CTA, us from launch start)."""
+    k_total, n = 4096, 4096
+    kn = k_total - OUTLIERS
+    dev = torch.device("cuda", torch.cuda.current_device())
+    wq = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.02).half(), OUTLIERS, 4, GROUP, 0.85)
+    wqs = [wq] + [clone_mixed(wq) for _ in range(copies(ko.mixed_bytes(n, kn, OUTLIERS, GROUP)) - 1)]
+    idx = torch.randperm(k_total, device="cuda").int()
+    empty = {c: timed_graph([lambda c=c: ko._launch("w4a4_gemv", "gemv_empty_kernel", (c,), (256,),
+                                                    (), 0, dev)]) for c in (1, 256)}
+    log(f"timeline: empty kernel a graph node: {empty[1]:.2f} us (1 CTA), {empty[256]:.2f} us "
+        "(256 CTAs of 256 threads)")
+    rows, cta_rows = [], []
+    for m, variants in TIMELINE_VARIANTS:
+        a = ko.quantize_mixed(activations(m, k_total), OUTLIERS, 4, GROUP, A_CLIP, idx)
+        for v in variants:
+            if v.endswith("_pdl") and not PDL_OK:
+                continue
+            ys = [torch.empty(m, n, dtype=torch.float16, device="cuda")
+                  for _ in range(TIMELINE_LAUNCHES)]
+            recs = [torch.zeros((n // 8 + 1) * 2 * TL_WORDS, dtype=torch.int64, device="cuda")
+                    for _ in range(TIMELINE_LAUNCHES)]
+            launches = [timeline_launcher(v, a, wqs[i % len(wqs)], ys[i], recs[i])
+                        for i in range(TIMELINE_LAUNCHES)]
+            ctas = launches[0][0]
+            us = timed_graph([f for _, f in launches])  # also leaves the last replay's records
+            rec = torch.stack([r[: ctas * TL_WORDS].view(ctas, TL_WORDS) for r in recs]).cpu()
+            summary = {"M": m, "variant": v, "ctas": ctas, "graph_us": us, **summarize_timeline(rec)}
+            rows.append(summary)
+            log("timeline " + " ".join(f"{key}={val:.2f}" if isinstance(val, float) else
+                                       f"{key}={val}" for key, val in summary.items()))
+            for i in range(1, 4):
+                start = int(rec[i, :, 0].min())
+                for c in range(ctas):
+                    r = rec[i, c]
+                    cta_rows.append({"M": m, "variant": v, "launch": i, "cta": c,
+                                     "sm": int(r[2 * TL_POINTS]),
+                                     **{f"t_{p}": (int(r[j]) - start) / 1e3 for j, p in
+                                        enumerate(TL_PHASES)},
+                                     **{f"clk_{p}": int(r[TL_POINTS + j] - r[TL_POINTS]) for j, p in
+                                        enumerate(TL_PHASES)}})
+    for name, data in ((f"gemm_{slug}_timeline.csv", rows), (f"gemm_{slug}_timeline_ctas.csv", cta_rows)):
+        with open(out / name, "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(data[0]))
+            wr.writeheader()
+            wr.writerows(data)
+    keys = ("graph_us", "period_us", "span_us", "gap_us", "entry_spread_us", "first_data_us",
+            "last_data_us", "cta_first_data_us", "cta_last_data_us", "compute_after_data_us",
+            "reduce_us", "store_us")
+    print(f"\n{'M':>3} {'kernel':>15} " + " ".join(f"{k[:-3][:9]:>9}" for k in keys) + "  (us)")
+    for r in rows:
+        print(f"{r['M']:3d} {r['variant']:>15} " + " ".join(f"{r[k]:9.2f}" for k in keys))
 
 
 NCU_KEYS = {"Duration": "us", "DRAM Throughput": "dram%", "Issued Warp Per Scheduler": "ipc",
@@ -570,14 +740,28 @@ def plot(path: Path, device: str, rows: list) -> None:
 
 
 def write_small(out: Path, slug: str, rows: list, variant_rows: list) -> None:
-    """--small: the per-variant CSV and the small-M rows (CSV), and a short table printed last."""
-    for name, data in ((f"gemm_{slug}_round3_small.csv", variant_rows),
-                       (f"gemm_{slug}_round3_small_rows.csv", rows)):
+    """--small: the per-variant CSV (with each GEMM's speed-up over cuBLAS FP16 of its row) and the
+    small-M rows (CSV), and short tables printed last."""
+    cublas = {(r["K"], r["N"], r["M"]): r["cublas_fp16_us"] for r in rows}
+    for r in variant_rows:
+        key = (r["K"], r["N"], r["M"])
+        r["x_cublas_fp16"] = cublas[key] / r["us"] if key in cublas and r["N"] else ""
+    for name, data in ((f"gemm_{slug}_round4_small.csv", variant_rows),
+                       (f"gemm_{slug}_round4_small_rows.csv", rows)):
         with open(out / name, "w", newline="") as f:
             wr = csv.DictWriter(f, fieldnames=list(data[0]))
             wr.writeheader()
             wr.writerows(data)
-    (out / f"gemm_{slug}_round3_small_log.txt").write_text("\n".join(LOG) + "\n")
+    (out / f"gemm_{slug}_round4_small_log.txt").write_text("\n".join(LOG) + "\n")
+    gemms = [r for r in variant_rows if not r["variant"].startswith("quant_")]
+    names = list(dict.fromkeys(r["variant"] for r in gemms))
+    print(f"\n{'K':>5} {'N':>5} {'M':>3} {'fp16':>6} " + " ".join(f"{v:>15}" for v in names)
+          + "   (us, x cuBLAS FP16)")
+    for key in cublas:
+        sel = {r["variant"]: r for r in gemms if (r["K"], r["N"], r["M"]) == key}
+        print(f"{key[0]:5d} {key[1]:5d} {key[2]:3d} {cublas[key]:6.1f} " + " ".join(
+            f"{sel[v]['us']:6.1f} ({sel[v]['x_cublas_fp16']:4.2f}x)" if v in sel else f"{'-':>15}"
+            for v in names))
     print(f"\n{'K':>5} {'N':>5} {'M':>3} {'kernel':>9} {'us':>6} {'fp16':>6} {'x':>5} {'w8a8 x':>6} "
           f"{'intmm x':>7} {'both':>6} {'quant':>6} {'floor%':>6}")
     for r in rows:
@@ -595,7 +779,7 @@ def write_small(out: Path, slug: str, rows: list, variant_rows: list) -> None:
 
 
 def main() -> int:
-    global MS, SHAPES, SMALL_ONLY
+    global MS, SHAPES, SMALL_ONLY, PDL_OK, QUANT_SWEEP
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="experiments/results")
     parser.add_argument("--quick", action="store_true", help="two shapes, three M values")
@@ -605,6 +789,10 @@ def main() -> int:
     parser.add_argument("--ncu-summary", metavar="CSV", help="summarize an ncu --csv report")
     parser.add_argument("--small", action="store_true",
                         help="small-M rows (M = 1, 16) and the quantize kernels at every M only")
+    parser.add_argument("--no-quant", action="store_true",
+                        help="with --small: no quantize checks or sweeps (dispatched kernel timed)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="per-CTA phase timeline of the small-M kernels (4096^2, M = 1, 16)")
     args = parser.parse_args()
     if args.profile_target:
         profile_target()
@@ -624,25 +812,30 @@ def main() -> int:
     log(f"device: {device}; torch {torch.__version__}")
     t0 = time.time()
     correct = {"quantize": None, "gemm": None}
+    PDL_OK = probe_pdl()
+    QUANT_SWEEP = not (args.small and args.no_quant)
     if not args.skip_checks:
-        correct["quantize"] = check_quantize()
+        if QUANT_SWEEP:
+            correct["quantize"] = check_quantize()
         correct["gemm"] = check_gemm()
         log(f"correctness: quantize {correct['quantize']}, gemm {correct['gemm']} "
             f"({time.time() - t0:.0f}s)")
     ceil = {"hbm_gbps": hbm_bandwidth(), "int8_mma_tops": ko.mma_s8_peak_tops()}
-    if ko.has_wgmma():
+    if ko.has_wgmma() and not args.small:  # --small rows are bytes-bound: mma.sync rate enough
         ceil.update(wgmma_ss_tops=ko.wgmma_s8_peak_tops("ss"), wgmma_rs_tops=ko.wgmma_s8_peak_tops("rs"))
     ceil["int8_peak_tops"] = max(v for key, v in ceil.items() if key.endswith("tops")
                                  and key.startswith(("int8", "wgmma")))
     if not args.small:
         ceil.update(library_peaks())
     log("ceilings: " + ", ".join(f"{k}={v:.0f}" for k, v in ceil.items()))
+    if args.timeline:
+        timeline(out, slug)
     rows, variant_rows = [], []
     for k_total, n in SHAPES:
         bench_shape(k_total, n, ceil, rows, variant_rows)
         torch.cuda.empty_cache()
     if args.small:
-        for k_total in dict.fromkeys(k for k, _ in SHAPES):
+        for k_total in dict.fromkeys(k for k, _ in SHAPES) if QUANT_SWEEP else ():
             bench_quantize_only(k_total, [256, 1024, 4096], ceil, variant_rows)
             torch.cuda.empty_cache()
         log(f"total {time.time() - t0:.0f}s")

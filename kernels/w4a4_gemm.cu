@@ -27,6 +27,8 @@
 // k a multiple of 16 (<= 256), N even, 16-byte aligned rows.
 #include <cuda_fp16.h>
 
+#include "gemv_timeline.cuh"  // debug timeline (-DGEMV_TIMELINE) of the skinny kernel
+
 #define MAGIC_I 0x4B400000
 #define MAGIC_F 12582912.0f
 #define UNPACK_MASK 0xF0F0F0F0u
@@ -104,9 +106,10 @@ __device__ __forceinline__ void store_pair(__half* __restrict__ y, const __half*
         const signed char *__restrict__ a_out, const __half *__restrict__ a_oscale,             \
         const unsigned char *__restrict__ w_codes, const __half *__restrict__ w_scales,         \
         const signed char *__restrict__ w_out, const __half *__restrict__ w_oscale,             \
-        const __half *__restrict__ bias, __half *__restrict__ y, int M, int N, int Kn, int k
+        const __half *__restrict__ bias, __half *__restrict__ y, int M, int N, int Kn, int k TL_ARG
 #define GEMM_PASS \
-    a_codes, a_scales, a_out, a_oscale, w_codes, w_scales, w_out, w_oscale, bias, y, M, N, Kn, k
+    a_codes, a_scales, a_out, a_oscale, w_codes, w_scales, w_out, w_oscale, bias, y, M, N, Kn, \
+        k TL_PASS
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core tiled kernel. CTA tile BM x 128, warps WARPS_M x 4, warp tile 64 x 32.
@@ -430,12 +433,16 @@ __device__ void gemm_skinny(GEMM_ARGS) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
 
+    TL_BEGIN;
     SkinnyGroup<MT, NT, G> cur, nxt;
     if (warp < ng) skinny_fetch<MT, NT, G>(cur, warp, GEMM_PASS);
+    TL_MARK(1, 0u);
 #pragma unroll 1
     for (int gi = warp; gi < ng; gi += SK_WARPS) {
         if (gi + SK_WARPS < ng) skinny_fetch<MT, NT, G>(nxt, gi + SK_WARPS, GEMM_PASS);
+        if (gi + SK_WARPS >= ng) TL_MARK(3, cur.b[0][0]);
         skinny_group<MT, NT, G>(cur, acc);
+        if (gi == warp) TL_MARK(2, __float_as_uint(acc[0][0][0]));
         cur = nxt;
     }
 #pragma unroll
@@ -499,6 +506,7 @@ __device__ void gemm_skinny(GEMM_ARGS) {
             }
     }
 
+    TL_MARK(4, __float_as_uint(acc[0][0][0]));
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -508,6 +516,7 @@ __device__ void gemm_skinny(GEMM_ARGS) {
                 *reinterpret_cast<float2*>(&red[warp][mt * 16 + r + 8 * h][nt * 8 + 2 * t]) =
                     make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
     __syncthreads();
+    TL_MARK(5, 0u);
     for (int e = threadIdx.x * 2; e < TM * TN; e += SK_WARPS * 32 * 2) {
         const int row = e / TN, col = e % TN;
         const long long m = m0 + row;
@@ -521,6 +530,8 @@ __device__ void gemm_skinny(GEMM_ARGS) {
         }
         store_pair(y, bias, m, n, N, v0, v1);
     }
+    TL_MARK(6, 0u);
+    TL_END;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@
 // 16-byte aligned operands, (K - k) / G <= 15 * GPW groups, k <= 256, and two slots that fit.
 #include <cuda_fp16.h>
 
+#include "gemv_timeline.cuh"
+
 #define MAGIC_I 0x4B400000
 #define MAGIC_F 12582912.0f
 #define UNPACK_MASK 0xF0F0F0F0u
@@ -127,9 +129,10 @@ struct SlotLayout {
         const unsigned char *__restrict__ w_codes, const __half *__restrict__ w_scales,         \
         const signed char *__restrict__ w_out, const __half *__restrict__ w_oscale,             \
         const __half *__restrict__ bias, __half *__restrict__ y, int M, int N, int Kn, int k,  \
-        int slots
+        int slots TL_ARG
 #define GEMV_PASS \
-    a_codes, a_scales, a_out, a_oscale, w_codes, w_scales, w_out, w_oscale, bias, y, M, N, Kn, k, slots
+    a_codes, a_scales, a_out, a_oscale, w_codes, w_scales, w_out, w_oscale, bias, y, M, N, Kn, k, \
+        slots TL_PASS
 
 // The producer's copy of octet o into a slot. Whole octets: four bulk copies by lane 0 on the
 // slot's full barrier. The last octet of an N that is not a multiple of 8: the warp copies the
@@ -222,7 +225,12 @@ __device__ void gemv_producer(unsigned char* ring, const float4* partial, unsign
         if (i + slots < count)
             issue_octet(ring + s * L.bytes, full(s), o_begin + i + slots, N, kb, ng, k, L, w_codes,
                         w_scales, w_out, w_oscale);
+        if (i == count - 1) {
+            TL_MARK(5, __float_as_uint(sum.x));
+            TL_MARK(6, 0u);
+        }
     }
+    if (lane == 0) TL_STORE;  // every consumer marked before its last arrive, seen through the barrier
 }
 
 // Prologue of both kernels: shared-memory carve-up, this CTA's octets, the mbarriers.
@@ -255,7 +263,9 @@ __device__ void gemv(GEMV_ARGS) {
     constexpr int WORDS = G / 32;   // 32-bit words of a group a lane holds (one per k32 step)
     constexpr int LANE_BYTES = G / 8;
     extern __shared__ __align__(128) unsigned char smem[];
+    TL_BEGIN;
     const GemvCta cta(smem, N, slots);
+    TL_MARK(1, 0u);
     unsigned long long* bars = cta.bars;
     float4* partial = cta.partial;
     unsigned char* ring = cta.ring;
@@ -386,7 +396,9 @@ template <int G, int TILES, int GPW>
 __device__ void gemv2(GEMV_ARGS) {
     constexpr int WORDS = G / 32, LANE_BYTES = G / 8;
     extern __shared__ __align__(128) unsigned char smem[];
+    TL_BEGIN;
     const GemvCta cta(smem, N, slots);
+    TL_MARK(1, 0u);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, t = lane & 3;
     const int kb = Kn / 2, ng = Kn / G;
     const SlotLayout L(kb, ng, k);
@@ -438,6 +450,8 @@ __device__ void gemv2(GEMV_ARGS) {
         const bool two = i + 1 < cta.count;
         mbar_wait(smem_u32(cta.bars + s0), (i / slots) & 1);
         if (two) mbar_wait(smem_u32(cta.bars + s1), ((i + 1) / slots) & 1);
+        if (i == 0) TL_MARK(2, 0u);
+        if (i + 2 >= cta.count) TL_MARK(3, 0u);
         const unsigned char* slot0 = cta.ring + s0 * L.bytes;
         const unsigned char* slot1 = cta.ring + s1 * L.bytes;
         const __half* sw0_row = reinterpret_cast<const __half*>(slot0 + L.scales) + gid * ng;
@@ -518,6 +532,7 @@ __device__ void gemv2(GEMV_ARGS) {
         cta.partial[(s0 * CONSUMERS + warp) * 32 + lane] = make_float4(acc[0][0], acc[0][1], hi0, hi1);
         if (two)
             cta.partial[(s1 * CONSUMERS + warp) * 32 + lane] = make_float4(acc[0][2], acc[0][3], hi2, hi3);
+        if (i + 2 >= cta.count) TL_MARK(4, __float_as_uint(acc[0][0]));
         __syncwarp();
         if (lane == 0) {
             mbar_arrive(smem_u32(cta.bars + 16 + s0));
@@ -545,3 +560,266 @@ DEFINE_GEMV2(w4a4_gemv2_m8_g128, 128, 1, 8)
 DEFINE_GEMV2(w4a4_gemv2_m8_g64, 64, 1, 16)
 DEFINE_GEMV2(w4a4_gemv2_m16_g128, 128, 2, 7)
 DEFINE_GEMV2(w4a4_gemv2_m16_g64, 64, 2, 12)
+
+// ---------------------------------------------------------------------------------------------
+// stream (round 4): no ring, no producer warp, nothing staged before the first load. A CTA is
+// STREAM_WARPS warps on one tile of 16 weight rows (blockIdx.x) x one token tile (blockIdx.y: 8
+// tokens, 16 with TILES = 2). Weights are the mma A operand (tile rows gid and gid + 8), tokens the
+// n8 B operand, as in gemv2. The tile's K-groups are split into contiguous ranges over the warps; a
+// warp walks its range in chunks of STREAM_GROUPS groups through two register buffers and requests
+// both buffers before any arithmetic: for K - k <= 2 * STREAM_WARPS * STREAM_GROUPS * G (Llama's
+// K = 4096 at G = 128) every weight byte of the CTA is requested at entry, so a CTA costs one DRAM round trip
+// plus its share of the stream; a longer K keeps two chunks a warp in flight. Outlier 32-column
+// chunk c belongs to warp c. Partial tiles meet in shared memory behind one barrier; then one
+// thread an output sums the warps and stores it.
+// PDL: weights never depend on the previous kernel, so they are requested before
+// griddepcontrol.wait, activations after it; launch_dependents at entry lets a next kernel that was
+// launched with programmatic stream serialization take SMs as our CTAs retire. Both instructions
+// are no-ops in a plain launch.
+// ---------------------------------------------------------------------------------------------
+#define STREAM_WARPS 8
+#define STREAM_GROUPS 2  // K-groups of a chunk (G = 128: a lane's 16 bytes of two rows, twice)
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+
+// Weight bytes are read once: no L1 allocation, and a 256-byte L2 fetch (a warp's chunk of a row is
+// 128 contiguous bytes, the next chunk follows). Volatile keeps them ahead of pdl_wait.
+template <int WORDS>
+__device__ __forceinline__ void load_weight_words(const unsigned char* p, bool valid,
+                                                  unsigned (&w)[WORDS]) {
+    if constexpr (WORDS == 4) {
+        if (valid)
+            asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                         : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+                         : "l"(p));
+        else
+            w[0] = w[1] = w[2] = w[3] = 0u;
+    } else {
+        if (valid)
+            asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0,%1}, [%2];\n"
+                         : "=r"(w[0]), "=r"(w[1])
+                         : "l"(p));
+        else
+            w[0] = w[1] = 0u;
+    }
+}
+
+template <int G, int TILES>
+struct StreamChunk {
+    static constexpr int C = STREAM_GROUPS, WORDS = G / 32;
+    unsigned w[C][2][WORDS];      // tile rows gid, gid + 8: the lane's quarter t of each group
+    unsigned x[TILES][C][WORDS];  // token tt * 8 + gid, quarter t of each group
+    __half2 sw[C];                // scales of rows (gid, gid + 8)
+    __half2 sa[TILES][C];         // scales of tokens (2t, 2t + 1)
+};
+
+// One warp's view of the tile: its rows, tokens and K-groups.
+struct StreamLane {
+    const unsigned char *w_row0, *w_row1;  // codes of tile rows gid, gid + 8
+    const __half *sw_row0, *sw_row1;
+    bool row0_ok, row1_ok;
+    int g_end, t, gid, m0, ng, kb;
+};
+
+template <int G, int TILES>
+__device__ __forceinline__ void stream_load_weights(StreamChunk<G, TILES>& c, int g0,
+                                                    const StreamLane& l) {
+    constexpr int C = StreamChunk<G, TILES>::C, WORDS = G / 32;
+    const __half zero = __float2half_rn(0.f);
+#pragma unroll
+    for (int j = 0; j < C; ++j) {
+        const int g = g0 + j;
+        const bool in = g < l.g_end;
+        const int off = g * (G / 2) + l.t * (G / 8);
+        load_weight_words<WORDS>(l.w_row0 + off, in && l.row0_ok, c.w[j][0]);
+        load_weight_words<WORDS>(l.w_row1 + off, in && l.row1_ok, c.w[j][1]);
+        c.sw[j].x = in && l.row0_ok ? l.sw_row0[g] : zero;
+        c.sw[j].y = in && l.row1_ok ? l.sw_row1[g] : zero;
+    }
+}
+
+template <int G, int TILES>
+__device__ __forceinline__ void stream_load_tokens(StreamChunk<G, TILES>& c, int g0,
+                                                   const StreamLane& l, int M,
+                                                   const unsigned char* __restrict__ a_codes,
+                                                   const __half* __restrict__ a_scales) {
+    constexpr int C = StreamChunk<G, TILES>::C, WORDS = G / 32;
+    const __half zero = __float2half_rn(0.f);
+#pragma unroll
+    for (int tt = 0; tt < TILES; ++tt) {
+        const long long tok = l.m0 + tt * 8 + l.gid, tok0 = l.m0 + tt * 8 + 2 * l.t;
+#pragma unroll
+        for (int j = 0; j < C; ++j) {
+            const int g = g0 + j;
+            const bool in = g < l.g_end;
+            load_words<WORDS>(a_codes + tok * l.kb + g * (G / 2) + l.t * (G / 8), in && tok < M,
+                              c.x[tt][j]);
+            c.sa[tt][j].x = in && tok0 < M ? a_scales[tok0 * l.ng + g] : zero;
+            c.sa[tt][j].y = in && tok0 + 1 < M ? a_scales[(tok0 + 1) * l.ng + g] : zero;
+        }
+    }
+}
+
+// acc[tt]: (row gid, token 2t), (gid, 2t + 1), (gid + 8, 2t), (gid + 8, 2t + 1) of token tile tt.
+template <int G, int TILES>
+__device__ __forceinline__ void stream_compute(const StreamChunk<G, TILES>& c, int g0, int g_end,
+                                               float (&acc)[TILES][4]) {
+    constexpr int C = StreamChunk<G, TILES>::C, WORDS = G / 32;
+#pragma unroll
+    for (int j = 0; j < C; ++j) {
+        if (g0 + j >= g_end) break;  // warp-uniform: the last chunk of a range may be short
+        int grp[TILES][4];
+#pragma unroll
+        for (int e = 0; e < WORDS; ++e) {
+            const unsigned a0 = evens(c.w[j][0][e]), a1 = evens(c.w[j][1][e]);
+            const unsigned a2 = odds(c.w[j][0][e]), a3 = odds(c.w[j][1][e]);
+#pragma unroll
+            for (int tt = 0; tt < TILES; ++tt) {
+                const unsigned b0 = evens(c.x[tt][j][e]), b1 = odds(c.x[tt][j][e]);
+                if (e == 0)
+                    mma_s8_start(grp[tt], a0, a1, a2, a3, b0, b1);
+                else
+                    mma_s8(grp[tt], a0, a1, a2, a3, b0, b1);
+            }
+        }
+        const float2 s = __half22float2(c.sw[j]);
+#pragma unroll
+        for (int tt = 0; tt < TILES; ++tt) {
+            const float2 a = __half22float2(c.sa[tt][j]);
+            acc[tt][0] = fmaf(__int_as_float(grp[tt][0]) - MAGIC_F, s.x * a.x, acc[tt][0]);
+            acc[tt][1] = fmaf(__int_as_float(grp[tt][1]) - MAGIC_F, s.x * a.y, acc[tt][1]);
+            acc[tt][2] = fmaf(__int_as_float(grp[tt][2]) - MAGIC_F, s.y * a.x, acc[tt][2]);
+            acc[tt][3] = fmaf(__int_as_float(grp[tt][3]) - MAGIC_F, s.y * a.y, acc[tt][3]);
+        }
+    }
+}
+
+template <int G, int TILES>
+__device__ void gemv_stream(GEMV_ARGS) {
+    constexpr int C = StreamChunk<G, TILES>::C;
+    __shared__ float red[STREAM_WARPS][TILES * 4][32];
+    TL_BEGIN;
+    pdl_launch_dependents();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    StreamLane l;
+    l.gid = lane >> 2;
+    l.t = lane & 3;
+    l.kb = Kn / 2;
+    l.ng = Kn / G;
+    l.m0 = blockIdx.y * 8 * TILES;
+    const long long n0 = 16LL * blockIdx.x, r0 = n0 + l.gid, r1 = r0 + 8;
+    l.row0_ok = r0 < N;
+    l.row1_ok = r1 < N;
+    l.w_row0 = w_codes + r0 * l.kb;
+    l.w_row1 = w_codes + r1 * l.kb;
+    l.sw_row0 = w_scales + r0 * l.ng;
+    l.sw_row1 = w_scales + r1 * l.ng;
+    const int g_begin = warp * l.ng / STREAM_WARPS;
+    l.g_end = (warp + 1) * l.ng / STREAM_WARPS;
+    const int chunks = (l.g_end - g_begin + C - 1) / C;
+
+    // Weights first: both buffers and the warp's outlier chunk.
+    StreamChunk<G, TILES> A, B;
+    stream_load_weights(A, g_begin, l);
+    if (chunks > 1) stream_load_weights(B, g_begin + C, l);
+    const bool has_chunk = warp * 32 < k;
+    const int o_off = warp * 32 + l.t * 8;
+    const bool o_in = has_chunk && o_off < k;
+    unsigned wo0[2], wo1[2];
+    load_weight_words<2>(reinterpret_cast<const unsigned char*>(w_out) + r0 * k + o_off,
+                         o_in && l.row0_ok, wo0);
+    load_weight_words<2>(reinterpret_cast<const unsigned char*>(w_out) + r1 * k + o_off,
+                         o_in && l.row1_ok, wo1);
+    const float osw0 = has_chunk && l.row0_ok ? __half2float(w_oscale[r0]) : 0.f;
+    const float osw1 = has_chunk && l.row1_ok ? __half2float(w_oscale[r1]) : 0.f;
+    TL_MARK(1, 0u);
+
+    // Then the tokens, which the previous kernel may have written.
+    pdl_wait();
+    stream_load_tokens(A, g_begin, l, M, a_codes, a_scales);
+    if (chunks > 1) stream_load_tokens(B, g_begin + C, l, M, a_codes, a_scales);
+    unsigned xo[TILES][2];
+    float2 so[TILES];  // x256: the 4-bit products carry 16 x 16, see gemv
+#pragma unroll
+    for (int tt = 0; tt < TILES; ++tt) {
+        const long long tok = l.m0 + tt * 8 + l.gid, tok0 = l.m0 + tt * 8 + 2 * l.t;
+        load_words<2>(reinterpret_cast<const unsigned char*>(a_out) + tok * k + o_off,
+                      o_in && tok < M, xo[tt]);
+        so[tt].x = has_chunk && tok0 < M ? __half2float(a_oscale[tok0]) * 256.f : 0.f;
+        so[tt].y = has_chunk && tok0 + 1 < M ? __half2float(a_oscale[tok0 + 1]) * 256.f : 0.f;
+    }
+
+    float acc[TILES][4];
+#pragma unroll
+    for (int tt = 0; tt < TILES; ++tt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[tt][e] = 0.f;
+#pragma unroll 1
+    for (int c = 0; c < chunks; c += 2) {
+        if (c + 1 >= chunks) TL_MARK(3, A.w[C - 1][1][0]);
+        stream_compute(A, g_begin + c * C, l.g_end, acc);
+        if (c == 0) TL_MARK(2, __float_as_uint(acc[0][0]));
+        if (c + 2 < chunks) {
+            stream_load_weights(A, g_begin + (c + 2) * C, l);
+            stream_load_tokens(A, g_begin + (c + 2) * C, l, M, a_codes, a_scales);
+        }
+        if (c + 1 < chunks) {
+            if (c + 2 >= chunks) TL_MARK(3, B.w[C - 1][1][0]);
+            stream_compute(B, g_begin + (c + 1) * C, l.g_end, acc);
+            if (c + 3 < chunks) {
+                stream_load_weights(B, g_begin + (c + 3) * C, l);
+                stream_load_tokens(B, g_begin + (c + 3) * C, l, M, a_codes, a_scales);
+            }
+        }
+    }
+    if (has_chunk) {
+#pragma unroll
+        for (int tt = 0; tt < TILES; ++tt) {
+            int o[4] = {0, 0, 0, 0};
+            mma_s8(o, wo0[0], wo1[0], wo0[1], wo1[1], xo[tt][0], xo[tt][1]);
+            acc[tt][0] = fmaf((float)o[0], osw0 * so[tt].x, acc[tt][0]);
+            acc[tt][1] = fmaf((float)o[1], osw0 * so[tt].y, acc[tt][1]);
+            acc[tt][2] = fmaf((float)o[2], osw1 * so[tt].x, acc[tt][2]);
+            acc[tt][3] = fmaf((float)o[3], osw1 * so[tt].y, acc[tt][3]);
+        }
+    }
+    TL_MARK(4, __float_as_uint(acc[0][0]));
+
+#pragma unroll
+    for (int tt = 0; tt < TILES; ++tt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) red[warp][tt * 4 + e][lane] = acc[tt][e];
+    __syncthreads();
+    TL_MARK(5, 0u);
+    for (int o = threadIdx.x; o < TILES * 128; o += STREAM_WARPS * 32) {
+        const int e = o >> 5, L = o & 31;
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < STREAM_WARPS; ++w) v += red[w][e][L];
+        const long long n = n0 + (L >> 2) + 8 * ((e & 3) >> 1);
+        const long long m = l.m0 + (e >> 2) * 8 + 2 * (L & 3) + (e & 1);
+        if (n < N && m < M) {
+            const float b = bias != nullptr ? __half2float(bias[n]) : 0.f;
+            y[m * N + n] = __float2half_rn(v * (1.f / 256.f) + b);
+        }
+    }
+    TL_MARK(6, 0u);
+    TL_END;
+}
+
+#define DEFINE_STREAM(NAME, G, TILES)                                                       \
+    extern "C" __global__ void __launch_bounds__(STREAM_WARPS * 32, 2) NAME(                 \
+        GEMV_ARGS) {                                                                        \
+        gemv_stream<G, TILES>(GEMV_PASS);                                                   \
+    }
+// Two CTAs a SM (<= 128 registers): 256 CTAs, Llama's N = 4096, in one wave on 132 SMs.
+DEFINE_STREAM(w4a4_stream_m8_g128, 128, 1)
+DEFINE_STREAM(w4a4_stream_m8_g64, 64, 1)
+DEFINE_STREAM(w4a4_stream_m16_g128, 128, 2)
+DEFINE_STREAM(w4a4_stream_m16_g64, 64, 2)
+
+// An empty kernel: what one graph node costs with nothing to do (bench_gemm.py --timeline).
+extern "C" __global__ void gemv_empty_kernel() {}

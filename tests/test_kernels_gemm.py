@@ -326,14 +326,14 @@ def test_quantize_kernels_match_the_reference_at_ties_and_extremes(variant, clip
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", sorted(ko.GEMV_VARIANTS))
+@pytest.mark.parametrize("variant", sorted(ko.GEMV_VARIANTS) + sorted(ko.STREAM_VARIANTS))
 @pytest.mark.parametrize("m,n,k_total,k,group,with_bias", [
     (1, 264, 1152, 128, 128, True),
     (5, 1056, 2176, 0, 64, False),
     (8, 200, 1280, 256, 128, True),    # N % 8 != 0: the last octet is copied without bulk copies
     (9, 512, 1104, 16, 64, False),
     (16, 11008, 4224, 128, 128, True),  # 11 octets a CTA: the 8-slot ring wraps around
-    (13, 2112, 12800, 256, 128, False),  # 98 groups: 7 a consumer warp
+    (13, 2112, 12800, 256, 128, False),  # 98 groups: 7 a gemv consumer, 7 stream chunks a warp
     (37, 96, 1152, 128, 128, True),    # several token tiles (gridDim.y)
 ])
 def test_gemv_matches_the_format_reference(variant, m, n, k_total, k, group, with_bias):
@@ -365,6 +365,58 @@ def test_auto_dispatch_falls_back_where_gemv_cannot_run():
     y = ko.mixed_gemm(a, w)
     ref = decode_mixed(a, torch.float64) @ decode_mixed(w, torch.float64).T
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-3
+
+
+# ------------------------------------------------------------------ round 4: small-M "stream"
+
+
+def test_stream_variants_name_kernels_of_the_gemv_source():
+    """Each stream variant launches a kernel defined in w4a4_gemv.cu with the CTA size the source
+    uses (STREAM_WARPS warps), and a _pdl variant the very same kernel as its plain twin."""
+    d = _cu_defines("w4a4_gemv.cu")
+    src = (Path(ko.__file__).resolve().parent.parent / "kernels" / "w4a4_gemv.cu").read_text()
+    for variant, (tile, rows, threads) in ko.STREAM_VARIANTS.items():
+        for group in ko.SUPPORTED_GROUPS:
+            name = ko.stream_kernel_name(variant, group)
+            tiles = int(re.search(rf"DEFINE_STREAM\({name}, {group}, (\d)\)", src).group(1))
+            assert 8 * tiles == tile
+        assert (threads, rows) == (32 * d["STREAM_WARPS"], 16)
+    assert ko.stream_kernel_name("stream_m16_pdl", 64) == ko.stream_kernel_name("stream_m16", 64)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["stream_m8_pdl", "stream_m16_pdl"])
+def test_pdl_gemm_in_a_graph_reads_what_its_producer_wrote(variant):
+    """A graph of quantize (writes the activation operand) then the PDL GEMM, replayed on freshly
+    poisoned buffers: the GEMM's activation reads wait for the producer (griddepcontrol.wait), so
+    every replay gives the reference of the new activations; and it equals the plain launch."""
+    m, n, k_total, k = (5 if "m8" in variant else 16), 1040, 4224, 128
+    w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.05).half(), k, 4, 128, 0.85)
+    x = _acts(m, k_total)
+    a = _poisoned(m, k_total - k, k, 128, 4, 0xFF)
+    y = torch.empty(m, n, dtype=torch.float16, device="cuda")
+
+    def step():
+        ko.quantize_mixed(x, k, 4, 128, 0.9, None, out=a)
+        ko.mixed_gemm(a, w, variant=variant, out=y)
+
+    step()  # compile and load outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(3):
+        x.copy_(_acts(m, k_total))
+        for t, fill in ((a.normal, 0xFF), (a.normal_scales, float("nan")), (a.outlier, -1),
+                        (a.outlier_scales, float("nan")), (y, float("nan"))):
+            t.fill_(fill)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.isfinite(y).all(), "the GEMM read poisoned activations or skipped outputs"
+        ref = decode_mixed(a, torch.float64) @ decode_mixed(w, torch.float64).T
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-3
+        plain = ko.mixed_gemm(a, w, variant=variant.removesuffix("_pdl"))
+        assert torch.equal(plain, y)
 
 
 # ------------------------------------------------------------- round 3: large-M wgmma kernels
