@@ -45,24 +45,28 @@ MAX_SPLITS = 256        # the merging CTA keeps [8 heads][splits] weights in sha
 @dataclass(frozen=True)
 class DecodeBuild:
     """One compiled decode kernel (kernels/decode_attention.cu): decode_attention_<name>_d<D>,
-    with the split planner's cost constants, fitted to H100 sweeps (attention_notes.md)."""
+    with the split planner's cost constants, fitted to H100 runs (attention_notes.md)."""
     warps: int
     stages: int             # cp.async ring stages per warp
-    layout: str             # "kv4m": round-2 4-bit body; "kv4v3": round-1 4-bit body; "fp16"
-    hbm_bytes_per_s: float  # sustained cache read rate of a GPU full of its CTAs
+    layout: str             # "kv4m": round-2/3 4-bit body; "kv4v3": round-1 4-bit body; "fp16"
+    hbm_bytes_per_s: float  # sustained cache read rate of a GPU full of its CTAs (many waves)
     cta_bytes_per_s: float  # read rate of one CTA alone on its SM
     fixed_s: float          # a call that reads almost nothing: launch, first loads, epilogue
+    wave_tail: float = 0.0  # a one-wave grid streams this much longer (the SMs' finish times
+    #                         spread); spread over the waves of a longer grid
+    wave_start_s: float = 0.0  # each further wave of CTAs: their starts and ends not overlapped
 
 
 BUILDS = {
-    # round 2 body: fewer instructions and a shorter start; 4 CTAs an SM
-    "kv4": DecodeBuild(4, 4, "kv4m", 2.46e12, 18e9, 4.1e-6),
+    # round 3 body (software-pipelined, L2 128-byte prefetch hint): 4 CTAs an SM
+    "kv4": DecodeBuild(4, 4, "kv4m", 2.65e12, 23.5e9, 3.6e-6, 0.126, 0.7e-6),
     # twice the warps, 2 CTAs an SM: faster lone CTAs
-    "kv4w8": DecodeBuild(8, 4, "kv4m", 2.46e12, 27e9, 4.3e-6),
-    # 6-stage rings (5 tiles in flight a warp): measured no faster, not planned
-    "kv4s6": DecodeBuild(4, 6, "kv4m", 2.46e12, 18e9, 4.1e-6),
-    # round 1 body: more instructions, yet the higher sustained rate on grids of many waves
-    "kv4v3": DecodeBuild(4, 4, "kv4v3", 2.8e12, 16e9, 5.2e-6),
+    "kv4w8": DecodeBuild(8, 4, "kv4m", 2.68e12, 33e9, 4.5e-6, 0.145, 1.1e-6),
+    # 6-stage rings (5 tiles in flight a warp): measured slower, not planned
+    "kv4s6": DecodeBuild(4, 6, "kv4m", 2.3e12, 22e9, 3.6e-6, 0.126, 0.7e-6),
+    # round 1 body: more instructions, yet the higher sustained rate on grids of many waves, and a
+    # costlier start (it reads the length before its first copies)
+    "kv4v3": DecodeBuild(4, 4, "kv4v3", 3.01e12, 16.9e9, 4.8e-6, 0.305, 4.0e-6),
     "fp16": DecodeBuild(4, 3, "fp16", 2.95e12, 21e9, 5e-6),
 }
 _FAMILY = {"kv4": ("kv4", "kv4w8", "kv4s6", "kv4v3"), "fp16": ("fp16",)}  # builds a format runs
@@ -95,7 +99,10 @@ def check_heads(q_heads: int, kv_heads: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # Split-K planning (host side)
 
-MERGE_S = (2e-6, 0.15e-6)  # split-K merge by the last CTA: fixed + per partition (H100 fit)
+# Split-K merge by the last CTA: fixed + per partition + per CTA-wave (each partitioned CTA
+# holds its slot through its fence and ticket atomic, which queue behind the streaming traffic
+# of a full GPU: traced epilogues of 3 us median, 8.5 us at worst). H100 fits.
+MERGE_S = (2e-6, 0.15e-6, 3e-6)
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,8 @@ class KernelShape:
     hbm_bytes_per_s: float  # see DecodeBuild
     cta_bytes_per_s: float
     fixed_s: float
+    wave_tail: float = 0.0
+    wave_start_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -119,8 +128,9 @@ def plan_splits(ctas: int, max_len: int, token_bytes: int, kernels, max_splits: 
                 ) -> SplitPlan:
     """Pick the kernel build and partition count minimizing the modelled time
 
-        fixed + max(all bytes / the build's sustained rate, waves * one CTA's bytes / its lone rate)
-        + (split-K merge if partitioned),
+        fixed + max(all bytes / sustained rate * (1 + wave_tail / waves),
+                    waves * one CTA's bytes / its lone rate)
+        + (waves - 1) * wave_start + (split-K merge if partitioned),
 
     where ctas = batch * kv_heads * head_blocks, token_bytes = bytes of one token of one KV head,
     and a partially filled last wave of CTAs costs a whole wave.
@@ -136,8 +146,10 @@ def plan_splits(ctas: int, max_len: int, token_bytes: int, kernels, max_splits: 
             waves = -(-ctas * splits // shape.slots)
             total_s = ctas * max_len * token_bytes / shape.hbm_bytes_per_s
             cta_s = chunk * token_bytes / shape.cta_bytes_per_s
-            t = shape.fixed_s + max(total_s, waves * cta_s) + \
-                (MERGE_S[0] + MERGE_S[1] * splits if splits > 1 else 0)
+            t = shape.fixed_s + max(total_s * (1 + shape.wave_tail / waves), waves * cta_s) + \
+                (waves - 1) * shape.wave_start_s
+            if splits > 1:
+                t += MERGE_S[0] + MERGE_S[1] * splits + MERGE_S[2] * ctas * splits / shape.slots
             if t < best_t:
                 best, best_t = SplitPlan(splits, chunk, shape.name), t
     return best
@@ -193,7 +205,7 @@ def kernel_shapes(family: str, head_dim: int, device_index: int = 0,
         spec = BUILDS[name]
         sms, per_sm = _resident_ctas(name, head_dim, device_index, tuple(options))
         shapes.append(KernelShape(name, sms * per_sm, spec.hbm_bytes_per_s, spec.cta_bytes_per_s,
-                                  spec.fixed_s))
+                                  spec.fixed_s, spec.wave_tail, spec.wave_start_s))
     return shapes
 
 

@@ -12,11 +12,12 @@
 //
 // Two 4-bit kernel bodies (mma.sync m16n8k16, fp16 in, fp32 accumulate):
 //
-// decode_kv4m (builds "kv4", "kv4w8", "kv4s6"; round 2): tokens on the mma M dimension for the
-//   scores, S[16 tokens, 8 heads] = K[16 tokens, d] . Q^T[d, 8 heads], so one mma covers 16
-//   tokens and the K tile is the A operand straight from its nibbles. The nibble -> fp16 conversion keeps the
-//   0x6400 exponent trick's bias: one LOP3 gives 1024 + c (low nibble) or 1024 + 16 c (high
-//   nibble) exactly, and the bias is folded into the algebra instead of subtracted per element:
+// decode_kv4m (builds "kv4", "kv4w8", "kv4s6"; rounds 2-3): tokens on the mma M dimension for
+//   the scores, S[16 tokens, 8 heads] = K[16 tokens, d] . Q^T[d, 8 heads], so one mma covers 16
+//   tokens and the K tile is the A operand straight from its nibbles. The nibble -> fp16
+//   conversion keeps the 0x6400 exponent trick's bias: one LOP3 gives 1024 + c (low nibble) or
+//   1024 + 16 c (high nibble) exactly, and the bias is folded into the algebra instead of
+//   subtracted per element:
 //     scores: Q's high-nibble slots hold q / 16 and the accumulator starts at -1024 sum(q), so
 //             acc = q . c and logit = s_k (acc - z_k sum(q));
 //     values: V^T tiles come out of ldmatrix.trans (a byte pair = 4 d of one token, transposed so a
@@ -30,6 +31,8 @@
 //   so p <= 2^RESCALE_SLACK and most tiles need no cross-lane reduction at all.
 //   The first tiles are fetched before the sequence length arrives (addresses depend only on the
 //   chunk); tokens past the length are masked by selects in the one partial tile.
+//   Round 3: the tile loop is software-pipelined (tile i + 1's scores between tile i's
+//   probabilities and its P.V), and the copies carry an L2 128-byte prefetch hint.
 //
 // decode_attention<KV4 / KV16> (builds "kv4v3", "fp16"; round 1): heads on the mma M dimension
 //   (rows 8-15 of the A operand unused),
@@ -50,6 +53,32 @@
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
+
+// Diagnostic timeline (-DKV4M_TRACE=1): thread 0 of each CTA stores %globaltimer at entry (0),
+// at the start of the tile loop (1), once every warp is done with it (2) and at exit (3), and
+// its SM id (4), into kv4m_trace[5 * linear CTA index + slot].
+#ifndef KV4M_TRACE
+#define KV4M_TRACE 0
+#endif
+#if KV4M_TRACE
+__device__ unsigned long long kv4m_trace[5 * 65536];
+__device__ __forceinline__ void trace_mark(int slot) {
+    if (threadIdx.x != 0) return;
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    const unsigned cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    if (cta >= 65536) return;
+    kv4m_trace[5 * cta + slot] = t;
+    if (slot == 0) {
+        unsigned sm;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        kv4m_trace[5 * cta + 4] = sm;
+    }
+}
+#define TRACE_MARK(slot) trace_mark(slot)
+#else
+#define TRACE_MARK(slot)
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Small PTX helpers
@@ -657,6 +686,53 @@ __device__ __forceinline__ void decode_attention(
 #ifndef KV4M_PIN_LANE
 #define KV4M_PIN_LANE 1  // 0: let the compiler re-read the thread index (S2R) in the tile loop
 #endif
+#ifndef KV4M_PIPE
+#define KV4M_PIPE 1      // 0: one tile at a time (round 2) instead of the software pipeline
+#endif
+#ifndef KV4M_PF
+#define KV4M_PF 128      // L2 prefetch size hint of the code copies: 0 (none), 128 or 256 bytes
+#endif
+#ifndef KV4M_PF_PARAMS
+#define KV4M_PF_PARAMS KV4M_PF  // the same for the 64-byte param copies
+#endif
+#ifndef KV4M_NST
+#define KV4M_NST 4       // ring stages of the kv4 / kv4w8 builds
+#endif
+#ifndef KV4M_LOAD_ONLY
+#define KV4M_LOAD_ONLY 0 // diagnostic: copies and waits only, no math (wrong output). 2: each
+#endif                   // tile one contiguous 2176-byte run from k (a blocked layout's pattern);
+#ifndef KV4M_NO_PARAMS   // the param copies left out (with LOAD_ONLY)
+#define KV4M_NO_PARAMS 0
+#endif
+#ifndef KV4M_EMPTY
+#define KV4M_EMPTY 0     // diagnostic: return at entry (the cost of launching the grid)
+#endif
+// The round-2 copies with an L2 prefetch size hint (PF: 0, 128 or 256 bytes). Measured on the
+// H100 (round 3): 128 B makes the 142 MB one-wave rows and the many-wave rows 3-4% faster, 256 B
+// makes them 5-7% slower.
+template <int PF>
+__device__ __forceinline__ void cp_async16_pf(u32 dst, const void* src, int src_bytes) {
+    if constexpr (PF == 256)
+        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
+                     "r"(src_bytes) : "memory");
+    else if constexpr (PF == 128)
+        asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
+                     "r"(src_bytes) : "memory");
+    else
+        cp_async16(dst, src, src_bytes);
+}
+
+template <int PF>
+__device__ __forceinline__ void cp_async16_full_pf(u32 dst, const void* src) {
+    if constexpr (PF == 256)
+        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(dst), "l"(src)
+                     : "memory");
+    else if constexpr (PF == 128)
+        asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" ::"r"(dst), "l"(src)
+                     : "memory");
+    else
+        cp_async16_full(dst, src);
+}
 
 // An opaque copy: the compiler keeps the value in a register instead of recomputing it.
 __device__ __forceinline__ int pinned(int x) {
@@ -700,6 +776,7 @@ __device__ __forceinline__ void decode_kv4m(
     int kv_heads, int group, int head_blocks, int capacity, int chunk, int splits,
     float scale_log2, u16* __restrict__ out, float* __restrict__ part_o,
     float* __restrict__ part_lse, int* __restrict__ tickets) {
+    if (KV4M_EMPTY) return;
     using F = KV4M<D>;
     extern __shared__ __align__(16) u8 smem[];
     const int tid = pinned(threadIdx.x), lane = tid & 31, warp = tid >> 5;
@@ -740,22 +817,30 @@ __device__ __forceinline__ void decode_kv4m(
                              F::v_row(lane / F::CH, lane % F::CH) * 16);
     const u32 p_dst = pinned((lane < 4 ? F::OFF_KP : F::OFF_VP) + (lane & 3) * 16);
     auto fetch = [&](u32 stage, int rem) {  // rem >= 1 tokens of the tile may be read
-        if (rem >= TILE) {
+        constexpr int PF = KV4M_PF, PFP = KV4M_PF_PARAMS;
+        if (KV4M_LOAD_ONLY == 2) {  // diagnostic: k holds 2 K_ROW + 8 bytes a token, blocked
+            const u8* src = k + (row0 + next_t0) * (2 * F::K_ROW + 8) + lane * 16;
+#pragma unroll
+            for (int i = 0; i < 2 * F::LOADS; ++i)
+                cp_async16_full_pf<PF>(stage + k_dst + i * 512, src + i * 512);
+            constexpr int PARAMS = 2 * TILE * F::K_ROW;  // offset of a tile's 128 param bytes
+            if (param_lane) cp_async16_full_pf<PFP>(stage + PARAMS + k_dst, src + PARAMS);
+        } else if (rem >= TILE) {
 #pragma unroll
             for (int i = 0; i < F::LOADS; ++i) {
-                cp_async16_full(stage + k_dst + i * 512, k_src + i * 512);
-                cp_async16_full(stage + v_dst + i * F::TOK_STEP * 16, v_src + i * 512);
+                cp_async16_full_pf<PF>(stage + k_dst + i * 512, k_src + i * 512);
+                cp_async16_full_pf<PF>(stage + v_dst + i * F::TOK_STEP * 16, v_src + i * 512);
             }
-            if (param_lane) cp_async16_full(stage + p_dst, p_src);
+            if (param_lane && !KV4M_NO_PARAMS) cp_async16_full_pf<PFP>(stage + p_dst, p_src);
         } else {
 #pragma unroll
             for (int i = 0; i < F::LOADS; ++i) {
                 const int bytes = i * F::TOK_STEP + lane / F::CH < rem ? 16 : 0;
-                cp_async16(stage + k_dst + i * 512, k_src + i * 512, bytes);
-                cp_async16(stage + v_dst + i * F::TOK_STEP * 16, v_src + i * 512, bytes);
+                cp_async16_pf<PF>(stage + k_dst + i * 512, k_src + i * 512, bytes);
+                cp_async16_pf<PF>(stage + v_dst + i * F::TOK_STEP * 16, v_src + i * 512, bytes);
             }
-            if (param_lane)
-                cp_async16(stage + p_dst, p_src, 4 * min(max(rem - 4 * (lane & 3), 0), 4));
+            if (param_lane && !KV4M_NO_PARAMS)
+                cp_async16_pf<PFP>(stage + p_dst, p_src, 4 * min(max(rem - 4 * (lane & 3), 0), 4));
         }
         k_src += NW * TILE * F::K_ROW;
         v_src += NW * TILE * F::K_ROW;
@@ -832,56 +917,57 @@ __device__ __forceinline__ void decode_kv4m(
     const int z_rd = pinned(8 * tig);                          // its V zero-point pairs
     const int row_a = pinned(gid), col_a = pinned(2 * tig);    // tokens of its rows / columns
 
-    for (int it = 0; it < mine; ++it) {
-        if (it + NST - 1 < mine) fetch(ring + ((it + NST - 1) % NST) * F::STAGE, end - next_t0);
-        cp_async_commit();
-        cp_async_wait<NST - 1>();
-        __syncwarp();
-        const int soff = (it % NST) * F::STAGE;
+    // The steps of one tile, shared by the plain loop and the software-pipelined one.
+    struct Tile {                // everything a tile needs from its ring slot, in registers
+        u32 ka[F::WORDS], kb[F::WORDS];  // K code words of token rows gid and gid + 8
+        u32 kp0, kp1, vp0, vp1;          // K / V params of those tokens
+        uint2 zwa, zwb;                  // V params of tokens 2 tig, +1 and 2 tig + 8, +9
+        u32 vr[D / 64][4];               // V^T fragments (ldmatrix.trans)
+    };
+    constexpr bool V_IN_TILE = KV4M_EARLY_LOADS || KV4M_PIPE;  // the pipeline needs them early
+    auto read_tile = [&](int j, Tile& T) {  // every shared-memory read first: latencies overlap
+        const int soff = (j % NST) * F::STAGE;
         const u8* st = ring_ptr + soff;
-        const int t0 = start + (warp + it * NW) * TILE;
-        const bool partial = t0 + TILE > end;
-
-        // Every shared-memory read of the tile first, so their latencies overlap.
-        u32 ka[F::WORDS], kb[F::WORDS];
-        load_words(ka, st + k_rd);
-        load_words(kb, st + k_rd + 8 * F::K_ROW);
+        load_words(T.ka, st + k_rd);
+        load_words(T.kb, st + k_rd + 8 * F::K_ROW);
         const u32* pw = reinterpret_cast<const u32*>(st + F::OFF_KP + p_rd);
-        const u32 kp0 = pw[0], kp1 = pw[8], vp0 = pw[TILE], vp1 = pw[TILE + 8];
-        const uint2 zwa = *reinterpret_cast<const uint2*>(st + F::OFF_VP + z_rd);
-        const uint2 zwb = *reinterpret_cast<const uint2*>(st + F::OFF_VP + 32 + z_rd);
-        u32 vr[D / 64][4];
-        if (KV4M_EARLY_LOADS)
+        T.kp0 = pw[0]; T.kp1 = pw[8]; T.vp0 = pw[TILE]; T.vp1 = pw[TILE + 8];
+        T.zwa = *reinterpret_cast<const uint2*>(st + F::OFF_VP + z_rd);
+        T.zwb = *reinterpret_cast<const uint2*>(st + F::OFF_VP + 32 + z_rd);
+        if (V_IN_TILE)
 #pragma unroll
-            for (int j = 0; j < D / 64; ++j) ldmatrix_x4_trans(vr[j], ring + soff + v_rd[j]);
-
-        // Scores of tokens gid (accumulator rows 0-7) and gid + 8, heads 2 tig, 2 tig + 1.
+            for (int i = 0; i < D / 64; ++i) ldmatrix_x4_trans(T.vr[i], ring + soff + v_rd[i]);
+    };
+    // Logits (log2 units) of tokens gid (x[0..1]) and gid + 8 (x[2..3]), heads 2 tig, 2 tig + 1.
+    auto logits = [&](const Tile& T, float (&x)[4]) {
         float acc[4] = {nb0, nb1, nb0, nb1};
         float acc2[4] = {0.f, 0.f, 0.f, 0.f};  // second chain: k-steps h = 1
 #pragma unroll
         for (int w = 0; w < F::WORDS; ++w)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const u32 x0 = h ? ka[w] >> 8 : ka[w], x1 = h ? kb[w] >> 8 : kb[w];
+                const u32 x0 = h ? T.ka[w] >> 8 : T.ka[w], x1 = h ? T.kb[w] >> 8 : T.kb[w];
                 mma16816(KV4M_SPLIT_ACC && h ? acc2 : acc, biased_lo(x0), biased_lo(x1),
                          biased_hi(x0), biased_hi(x1), qb[2 * w + h][0], qb[2 * w + h][1]);
             }
         if (KV4M_SPLIT_ACC)
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[i] += acc2[i];
-        const float sk0 = half_to_float(kp0 & 0xFFFF) * scale_log2;
-        const float sk1 = half_to_float(kp1 & 0xFFFF) * scale_log2;
-        const float zk0 = half_to_float(kp0 >> 16), zk1 = half_to_float(kp1 >> 16);
-        float x[4] = {sk0 * fmaf(-zk0, qsum0, acc[0]), sk0 * fmaf(-zk0, qsum1, acc[1]),
-                      sk1 * fmaf(-zk1, qsum0, acc[2]), sk1 * fmaf(-zk1, qsum1, acc[3])};
+        const float sk0 = half_to_float(T.kp0 & 0xFFFF) * scale_log2;
+        const float sk1 = half_to_float(T.kp1 & 0xFFFF) * scale_log2;
+        const float zk0 = half_to_float(T.kp0 >> 16), zk1 = half_to_float(T.kp1 >> 16);
+        x[0] = sk0 * fmaf(-zk0, qsum0, acc[0]); x[1] = sk0 * fmaf(-zk0, qsum1, acc[1]);
+        x[2] = sk1 * fmaf(-zk1, qsum0, acc[2]); x[3] = sk1 * fmaf(-zk1, qsum1, acc[3]);
+    };
+    // Past the length params may be anything (even NaN): selects, not arithmetic.
+    auto mask_logits = [&](float (&x)[4], int t0) {
         const bool ok0 = t0 + row_a < end, ok1 = t0 + row_a + 8 < end;
-        if (partial) {  // selects: past the length, params may be anything (even NaN)
-            const float ninf = -__int_as_float(0x7f800000);
-            x[0] = ok0 ? x[0] : ninf; x[1] = ok0 ? x[1] : ninf;
-            x[2] = ok1 ? x[2] : ninf; x[3] = ok1 ? x[3] : ninf;
-        }
-
-        // Lazy running max: moves only when a logit passes it by RESCALE_SLACK.
+        const float ninf = -__int_as_float(0x7f800000);
+        x[0] = ok0 ? x[0] : ninf; x[1] = ok0 ? x[1] : ninf;
+        x[2] = ok1 ? x[2] : ninf; x[3] = ok1 ? x[3] : ninf;
+    };
+    // Lazy running max: moves only when a logit passes it by RESCALE_SLACK.
+    auto update_max = [&](const float (&x)[4]) {
         const float g0 = fmaxf(x[0], x[2]), g1 = fmaxf(x[1], x[3]);
         if (__any_sync(0xffffffffu, fmaxf(g0 - m0, g1 - m1) > RESCALE_SLACK)) {
             float t0m = g0, t1m = g1;
@@ -900,15 +986,20 @@ __device__ __forceinline__ void decode_kv4m(
                 o[i][2] *= a0; o[i][3] *= a1;
             }
         }
+    };
+    // P' = p s_v as the value mma's B operand, and the zero-point A operands.
+    struct Probs { u32 pb0, pb1, cza, czah, czb, czbh; };
+    auto probs = [&](const float (&x)[4], const Tile& T, bool partial, int t0) {
         const float p0 = fast_exp2(x[0] - m0), p1 = fast_exp2(x[1] - m1);
         const float p2 = fast_exp2(x[2] - m0), p3 = fast_exp2(x[3] - m1);
         l0 += p0 + p2;
         l1 += p1 + p3;
-        const float sv0 = half_to_float(vp0 & 0xFFFF), sv1 = half_to_float(vp1 & 0xFFFF);
+        const float sv0 = half_to_float(T.vp0 & 0xFFFF), sv1 = half_to_float(T.vp1 & 0xFFFF);
         u32 pr0 = pack_half2(p0 * sv0, p1 * sv0), pr1 = pack_half2(p2 * sv1, p3 * sv1);
         // V zero points of tokens 2 tig, 2 tig + 1 (za) and 2 tig + 8, 2 tig + 9 (zb).
-        u32 za = prmt(zwa.x, zwa.y, 0x7632), zb = prmt(zwb.x, zwb.y, 0x7632);
+        u32 za = prmt(T.zwa.x, T.zwa.y, 0x7632), zb = prmt(T.zwb.x, T.zwb.y, 0x7632);
         if (partial) {
+            const bool ok0 = t0 + row_a < end, ok1 = t0 + row_a + 8 < end;
             pr0 = ok0 ? pr0 : 0u;
             pr1 = ok1 ? pr1 : 0u;
             const int t = t0 + col_a;
@@ -916,33 +1007,115 @@ __device__ __forceinline__ void decode_kv4m(
             zb &= (t + 8 < end ? 0xFFFFu : 0u) | (t + 9 < end ? 0xFFFF0000u : 0u);
         }
         // P' from token rows to the B operand: (tokens 2 tig, 2 tig + 1 | + 8, + 9; head gid).
-        const u32 pb0 = transpose8x8(pr0), pb1 = transpose8x8(pr1);
         // -(1024 + z) for the low-nibble rows, -(1024 + 16 z) for the high-nibble rows.
-        const u32 cza = hfma2(za, 0xBC00BC00u, 0xE400E400u);
-        const u32 czah = hfma2(za, 0xCC00CC00u, 0xE400E400u);
-        const u32 czb = hfma2(zb, 0xBC00BC00u, 0xE400E400u);
-        const u32 czbh = hfma2(zb, 0xCC00CC00u, 0xE400E400u);
-
-        // O^T[d, head] += V^T . P'^T. ldmatrix x4.trans j: matrices (tokens 0-7 | 8-15) x
-        // (chunk 2j | 2j + 1); a register holds d-group gid of the chunk for two tokens.
+        return Probs{transpose8x8(pr0), transpose8x8(pr1), hfma2(za, 0xBC00BC00u, 0xE400E400u),
+                     hfma2(za, 0xCC00CC00u, 0xE400E400u), hfma2(zb, 0xBC00BC00u, 0xE400E400u),
+                     hfma2(zb, 0xCC00CC00u, 0xE400E400u)};
+    };
+    // O^T[d, head] += V^T . P'^T. ldmatrix x4.trans j: matrices (tokens 0-7 | 8-15) x
+    // (chunk 2j | 2j + 1); a register holds d-group gid of the chunk for two tokens.
+    auto accumulate = [&](Tile& T, int j, const Probs& P) {
 #pragma unroll
-        for (int j = 0; j < D / 64; ++j) {
-            u32 (&r)[4] = vr[j];
-            if (!KV4M_EARLY_LOADS) ldmatrix_x4_trans(r, ring + soff + v_rd[j]);
+        for (int i = 0; i < D / 64; ++i) {
+            u32 (&r)[4] = T.vr[i];
+            if (!V_IN_TILE) ldmatrix_x4_trans(r, ring + (j % NST) * F::STAGE + v_rd[i]);
 #pragma unroll
             for (int e = 0; e < 2; ++e)
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     const u32 y0 = h ? r[2 * e] >> 8 : r[2 * e];
                     const u32 y1 = h ? r[2 * e + 1] >> 8 : r[2 * e + 1];
-                    float (&acc_o)[4] = o[2 * (2 * j + e) + h];
+                    float (&acc_o)[4] = o[2 * (2 * i + e) + h];
                     mma16816(acc_o, biased_lo(y0), biased_hi(y0), biased_lo(y1), biased_hi(y1),
-                             pb0, pb1);
-                    mma16816(acc_o, cza, czah, czb, czbh, pb0, pb1);
+                             P.pb0, P.pb1);
+                    mma16816(acc_o, P.cza, P.czah, P.czb, P.czbh, P.pb0, P.pb1);
                 }
         }
+    };
+    auto tile_t0 = [&](int j) { return start + (warp + j * NW) * TILE; };
+    TRACE_MARK(1);
+
+#if KV4M_LOAD_ONLY
+    // Diagnostic: the copies and waits alone (no math; the output is not attention).
+    u32 sink = 0;
+    for (int it = 0; it < mine; ++it) {
+        if (it + NST - 1 < mine) fetch(ring + ((it + NST - 1) % NST) * F::STAGE, end - next_t0);
+        cp_async_commit();
+        cp_async_wait<NST - 1>();
+        __syncwarp();
+        sink += *reinterpret_cast<const u32*>(ring_ptr + (it % NST) * F::STAGE + 4 * lane);
         __syncwarp();
     }
+    if (sink == 0x9E3779B9u) l0 += 1.f;
+#elif KV4M_PIPE
+    // Software-pipelined over this warp's full tiles: the scores of tile it + 1 are computed
+    // between the probabilities and the P.V of tile it (three independent chains in one basic
+    // block); its max update comes after tile it's P.V, so a rescale also covers it. Every
+    // shared-memory read of a tile happens one iteration early, so the slot of tile it is
+    // refilled (with tile it + NST) at the top of iteration it: NST - 1 tiles stay in flight.
+    // The one partial tile (the last tile of the chunk) is done after the loop, masked.
+    const bool has_partial = mine > 0 && (end - start) % TILE && (ntiles - 1) % NW == warp;
+    const int full = mine - has_partial;
+    if (full > 0) {
+        if (NST - 1 < mine) fetch(ring + (NST - 1) * F::STAGE, end - next_t0);
+        cp_async_commit();
+        cp_async_wait<NST - 1>();
+        __syncwarp();
+        Tile cur;
+        float x[4];
+        read_tile(0, cur);
+        logits(cur, x);
+        update_max(x);
+        __syncwarp();
+        for (int it = 0; it + 1 < full; ++it) {
+            if (it + NST < mine) fetch(ring + (it % NST) * F::STAGE, end - next_t0);
+            cp_async_commit();
+            cp_async_wait<NST - 1>();  // tile it + 1
+            __syncwarp();
+            const Probs P = probs(x, cur, false, 0);
+            Tile nxt;
+            float xn[4];
+            read_tile(it + 1, nxt);
+            logits(nxt, xn);
+            accumulate(cur, it, P);
+            update_max(xn);
+            cur = nxt;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) x[i] = xn[i];
+            __syncwarp();
+        }
+        accumulate(cur, full - 1, probs(x, cur, false, 0));
+    }
+    if (has_partial) {
+        cp_async_wait<0>();
+        __syncwarp();
+        const int t0 = tile_t0(full);
+        Tile T;
+        float x[4];
+        read_tile(full, T);
+        logits(T, x);
+        mask_logits(x, t0);
+        update_max(x);
+        accumulate(T, full, probs(x, T, true, t0));
+    }
+#else
+    for (int it = 0; it < mine; ++it) {
+        if (it + NST - 1 < mine) fetch(ring + ((it + NST - 1) % NST) * F::STAGE, end - next_t0);
+        cp_async_commit();
+        cp_async_wait<NST - 1>();
+        __syncwarp();
+        const int t0 = tile_t0(it);
+        const bool partial = t0 + TILE > end;
+        Tile T;
+        float x[4];
+        read_tile(it, T);
+        logits(T, x);
+        if (partial) mask_logits(x, t0);
+        update_max(x);
+        accumulate(T, it, probs(x, T, partial, t0));
+        __syncwarp();
+    }
+#endif
     cp_async_wait<0>();
 
 #pragma unroll
@@ -951,6 +1124,7 @@ __device__ __forceinline__ void decode_kv4m(
         l1 += __shfl_xor_sync(0xffffffffu, l1, off);
     }
     __syncthreads();  // every warp is done with its ring: reuse them for the merge
+    TRACE_MARK(2);
     float* s_o = reinterpret_cast<float*>(rings);  // [NW][8][D], then s_m, s_l [NW][8]
     {
         float* mine_o = s_o + warp * HEADS_PER_CTA * D;
@@ -990,26 +1164,43 @@ __device__ __forceinline__ void decode_kv4m(
 // Round 2, 4-bit: NW warps, NST-stage rings.
 #define DEFINE_KV4M(NAME, D, NW, NST, MIN_CTAS)                                                   \
     extern "C" __global__ void __launch_bounds__(NW * 32, MIN_CTAS) NAME(DECODE_ARGS) {           \
+        TRACE_MARK(0);                                                                            \
         decode_kv4m<D, NW, NST>(DECODE_PASS);                                                     \
+        TRACE_MARK(3);                                                                            \
     }
-DEFINE_KV4M(decode_attention_kv4_d64, 64, 4, 4, 4)
-DEFINE_KV4M(decode_attention_kv4_d128, 128, 4, 4, 4)
-DEFINE_KV4M(decode_attention_kv4w8_d64, 64, 8, 4, 2)
-DEFINE_KV4M(decode_attention_kv4w8_d128, 128, 8, 4, 2)
+// -DBUILD_D64=0 / -DBUILD_ROUND1=0 leave builds out (faster compiles of ablation variants).
+#ifndef BUILD_D64
+#define BUILD_D64 1
+#endif
+#ifndef BUILD_ROUND1
+#define BUILD_ROUND1 1
+#endif
+#if BUILD_D64
+DEFINE_KV4M(decode_attention_kv4_d64, 64, 4, KV4M_NST, 4)
+DEFINE_KV4M(decode_attention_kv4w8_d64, 64, 8, KV4M_NST, 2)
 DEFINE_KV4M(decode_attention_kv4s6_d64, 64, 4, 6, 4)
+#endif
+DEFINE_KV4M(decode_attention_kv4_d128, 128, 4, KV4M_NST, 4)
+DEFINE_KV4M(decode_attention_kv4w8_d128, 128, 8, KV4M_NST, 2)
 DEFINE_KV4M(decode_attention_kv4s6_d128, 128, 4, 6, 4)
 
 // Round 1 body: the 4-bit build it shipped (4-stage rings) and the FP16 comparison (3 stages:
 // its tiles are 4x larger).
 #define DEFINE_DECODE(NAME, FMT, D, MIN_CTAS)                                                     \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS) NAME(DECODE_ARGS) {        \
+        TRACE_MARK(0);                                                                            \
         decode_attention<FMT, D>(DECODE_PASS);                                                    \
+        TRACE_MARK(3);                                                                            \
     }
 typedef KV4<64, 4> KV4_64;
 typedef KV4<128, 4> KV4_128;
 typedef KV16<64, 3> KV16_64;
 typedef KV16<128, 3> KV16_128;
+#if BUILD_ROUND1
+#if BUILD_D64
 DEFINE_DECODE(decode_attention_kv4v3_d64, KV4_64, 64, 4)
-DEFINE_DECODE(decode_attention_kv4v3_d128, KV4_128, 128, 4)
 DEFINE_DECODE(decode_attention_fp16_d64, KV16_64, 64, 2)
+#endif
+DEFINE_DECODE(decode_attention_kv4v3_d128, KV4_128, 128, 4)
 DEFINE_DECODE(decode_attention_fp16_d128, KV16_128, 128, 2)
+#endif

@@ -71,6 +71,18 @@ def test_split_plan_picks_the_faster_build():
     assert kk.plan_splits(8192, 8192, 136, [H100_KV4, few_slots]).kernel == "kv4"
 
 
+def test_split_plan_charges_the_one_wave_tail_and_each_wave_start():
+    """H100 round 3: round 1's kernel streams faster on many waves (811 vs 870 us, MHA B256
+    L2048) but loses a one-wave grid (65.4 vs 64.3 us, MHA B16 L2048) to its longer tail and
+    start; and no full GPU is worth partitioning, whatever tail it would trim."""
+    kv4 = kk.KernelShape("kv4", 528, 2.65e12, 23.5e9, 3.6e-6, 0.126, 0.7e-6)
+    v3 = kk.KernelShape("kv4v3", 528, 3.01e12, 16.9e9, 4.8e-6, 0.305, 4.0e-6)
+    assert kk.plan_splits(512, 2048, 136, [v3, kv4]) == kk.SplitPlan(1, 2048, "kv4")
+    assert kk.plan_splits(8192, 2048, 136, [kv4, v3]) == kk.SplitPlan(1, 2048, "kv4v3")
+    v3_without_tail = kk.KernelShape("kv4v3", 528, 3.01e12, 16.9e9, 4.8e-6)
+    assert kk.plan_splits(512, 2048, 136, [v3_without_tail, kv4]).kernel == "kv4v3"
+
+
 def test_memory_per_token_under_0_3_of_fp16():
     for head_dim in kk.HEAD_DIMS:
         fp16 = 2 * 8 * head_dim * 2
