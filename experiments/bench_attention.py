@@ -3,12 +3,13 @@
   python experiments/bench_attention.py --out DIR        # on the GPU: checks, timings, CSV + MD
   python experiments/bench_attention.py --plot CSV       # anywhere: the PNG from a results CSV
   python experiments/bench_attention.py --ablate --out DIR   # kernel variants x key rows (GPU)
+  python experiments/bench_attention.py --trace --out DIR    # per-CTA timelines of key rows (GPU)
   python experiments/bench_attention.py --single gqa_32q_8kv 16 2048 kv4w8 1   # a few calls of one
         row and build (split-K partitions S, 0 = planned), e.g. under ncu
 
 Variants timed side by side in the same process on the same data:
-  kv4   our kernel on the 4-bit cache (codes + fp16 scale/zero per token per head): the round-2
-        planner's pick of build (round 2's with 4 or 8 warps a CTA, or round 1's) and split-K
+  kv4   our kernel on the 4-bit cache (codes + fp16 scale/zero per token per head): the
+        planner's pick of build (round 3's with 4 or 8 warps a CTA, or round 1's) and split-K
         partitions; kv4_best: the fastest of a sweep over partition counts and the three builds
         (a check of the planner's model)
   v3    round 1's 4-bit kernel (heads on the mma M dimension) alone, planned the same way
@@ -23,14 +24,17 @@ device-to-device copy measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -48,20 +52,45 @@ TOL = 2e-3
 SWEEP_SPLITS = (1, 2, 4, 8, 16)
 SWEEP_BUILDS = ("kv4", "kv4w8", "kv4v3")
 CHECK_BUILDS = ("kv4", "kv4w8", "kv4s6", "kv4v3")
-# Ablation of the round-2 kernel: (label, build, NVRTC options), timed side by side on key rows
-# (the target rows, a bandwidth-bound one, and a tiny one that shows the fixed cost of a call).
+# Ablation: (label, build, NVRTC options, kernels folder or None, diagnostic, splits or None),
+# timed side by side on key rows (the target rows, a bandwidth-bound one, a lone-CTA one and a
+# tiny one that shows the fixed cost of a call). A kernels folder times another version of
+# decode_attention.cu (e.g. the previous round's, copied there); diagnostic variants compute
+# something else than attention (no correctness gate). splits None: the row's own list.
+SUBSET = ("-DBUILD_ROUND1=0", "-DBUILD_D64=0")  # faster compiles: the D=128 round-2 builds only
+PREVIOUS = ".att_r2"  # round 2's decode_attention.cu, when present
 ABLATIONS = [
-    ("kv4", "kv4", ()),
-    ("kv4 V loads late", "kv4", ("-DKV4M_EARLY_LOADS=0",)),
-    ("kv4 lane re-read (S2R)", "kv4", ("-DKV4M_PIN_LANE=0",)),
-    ("kv4 V rows unswizzled", "kv4", ("-DKV4M_SWIZZLE=0",)),
-    ("kv4 one score chain", "kv4", ("-DKV4M_SPLIT_ACC=0",)),
-    ("kv4s6 (6-stage rings)", "kv4s6", ()),
-    ("kv4w8 (8 warps)", "kv4w8", ()),
-    ("v3 (round 1)", "kv4v3", ()),
+    ("round 2 kv4", "kv4", ("-DTAG_R2=1",), PREVIOUS, False, None),
+    ("round 2 kv4w8", "kv4w8", ("-DTAG_R2=1",), PREVIOUS, False, None),
+    ("v3 (round 1)", "kv4v3", (), None, False, None),
+    ("kv4 (round 3: pipelined, L2 128B hint)", "kv4", (), None, False, None),
+    ("kv4w8 (round 3)", "kv4w8", (), None, False, None),
+    ("kv4 one tile at a time", "kv4", ("-DKV4M_PIPE=0",) + SUBSET, None, False, None),
+    ("kv4 no L2 hint", "kv4", ("-DKV4M_PF=0",) + SUBSET, None, False, None),
+    ("kv4w8 no L2 hint", "kv4w8", ("-DKV4M_PF=0",) + SUBSET, None, False, None),
+    ("kv4 L2 256B hint on params", "kv4", ("-DKV4M_PF_PARAMS=256",) + SUBSET, None, False, None),
+    ("kv4 3-stage rings", "kv4", ("-DKV4M_NST=3",) + SUBSET, None, False, None),
+    ("kv4w8 3-stage rings", "kv4w8", ("-DKV4M_NST=3",) + SUBSET, None, False, None),
+    ("diag: kv4 copies only", "kv4", ("-DKV4M_LOAD_ONLY=1",) + SUBSET, None, True, (1,)),
+    ("diag: kv4 copies only, no params", "kv4", ("-DKV4M_LOAD_ONLY=1", "-DKV4M_NO_PARAMS=1") +
+     SUBSET, None, True, (1,)),
+    ("diag: kv4 copies only, blocked layout", "kv4", ("-DKV4M_LOAD_ONLY=2",) + SUBSET, None,
+     True, (1,)),
+    ("diag: empty kernel", "kv4", ("-DKV4M_EMPTY=1",) + SUBSET, None, True, (1,)),
 ]
-ABLATION_ROWS = [("llama7b_mha", 16, 2048), ("gqa_32q_8kv", 64, 2048), ("gqa_32q_8kv", 16, 8192),
-                 ("gqa_32q_8kv", 16, 2048), ("llama7b_mha", 256, 2048), ("gqa_32q_8kv", 16, 64)]
+# (config, batch, context, split-K partition counts)
+ABLATION_ROWS = [("llama7b_mha", 16, 2048, (1, 2)), ("gqa_32q_8kv", 64, 2048, (1, 2)),
+                 ("gqa_32q_8kv", 16, 8192, (1, 2, 4)), ("gqa_32q_8kv", 16, 2048, (1, 2)),
+                 ("llama7b_mha", 256, 2048, (1,)), ("gqa_32q_8kv", 16, 64, (1,)),
+                 ("gqa_32q_8kv", 1, 8192, (1, 8, 16))]
+# Timelines (-DKV4M_TRACE=1): (config, batch, context, build, splits, extra options)
+TRACES = [("llama7b_mha", 16, 2048, "kv4", 1, ()), ("llama7b_mha", 16, 2048, "kv4w8", 1, ()),
+          ("llama7b_mha", 16, 2048, "kv4v3", 1, ()),
+          ("llama7b_mha", 16, 2048, "kv4", 1, ("-DKV4M_PIPE=0",) + SUBSET),
+          ("llama7b_mha", 16, 2048, "kv4", 1, ("-DKV4M_LOAD_ONLY=1",) + SUBSET),
+          ("gqa_32q_8kv", 16, 8192, "kv4", 1, ()), ("gqa_32q_8kv", 16, 8192, "kv4", 4, ()),
+          ("gqa_32q_8kv", 16, 2048, "kv4", 1, ()), ("llama7b_mha", 256, 2048, "kv4", 1, ()),
+          ("llama7b_mha", 256, 2048, "kv4v3", 1, ())]
 
 
 def log(msg: str) -> None:
@@ -351,7 +380,7 @@ def write_markdown(rows, checks, env, path: Path) -> None:
     lines += ["", "Equal lengths per row (SDPA without a mask, its fastest path). Times: median per "
               "call inside CUDA graphs, rotating inputs larger than L2. HBM % = bytes moved / time "
               "/ copy bandwidth. kv4: the planner's build and split-K partitions S (kv4 / kv4w8: "
-              "round-2 kernel with 4 / 8 warps a CTA; kv4v3: round 1's kernel); v3: round 1's "
+              "round-3 kernel with 4 / 8 warps a CTA; kv4v3: round 1's kernel); v3: round 1's "
               "kernel alone. Sweep: S in 1..16 for the three builds, a check of the planner's "
               "cost model.", ""]
     lines.append("| config | batch | context | kv4 us | v3 us | fp16 kernel us | SDPA us | x SDPA | "
@@ -398,9 +427,8 @@ def plot(csv_path: Path, png_path: Path) -> None:
         sub = [r for r in rows if r["config"] == name]
         labels = [f"B{r['batch']}\nL{r['context']}" for r in sub]
         x = range(len(sub))
-        w = 0.27
         w = 0.21
-        for i, (col, lab) in enumerate((("kv4_us", "4-bit KV (round 2)"),
+        for i, (col, lab) in enumerate((("kv4_us", "4-bit KV (round 3, planned)"),
                                         ("v3_us", "4-bit KV (round 1)"),
                                         ("fp16_us", "FP16 KV (round-1 kernel)"),
                                         ("sdpa_us", "FP16 KV (torch SDPA)"))):
@@ -417,10 +445,82 @@ def plot(csv_path: Path, png_path: Path) -> None:
     fig.savefig(png_path, dpi=130)
 
 
+@contextlib.contextmanager
+def kernels_from(folder):
+    """Compile kernels from `folder` (None: the repository's) while inside the block."""
+    old = os.environ.get("ATOM_LAB_KERNELS")
+    if folder is not None:
+        os.environ["ATOM_LAB_KERNELS"] = str(Path(folder).resolve())
+    try:
+        yield
+    finally:
+        if folder is not None:
+            if old is None:
+                del os.environ["ATOM_LAB_KERNELS"]
+            else:
+                os.environ["ATOM_LAB_KERNELS"] = old
+
+
+def split_plan(L: int, n: int, build: str) -> kk.SplitPlan:
+    chunk = kk._align(-(-L // n), kk.CHUNK_ALIGN)
+    return kk.SplitPlan(-(-L // chunk), chunk, build)
+
+
+def variant_check(build: str, opts: tuple, folder) -> float:
+    """Worst relative error of a build variant on ragged lengths (partial tiles, one token),
+    GQA, NaN params and random codes past each length, one and many partitions."""
+    gen = torch.Generator(device="cuda").manual_seed(77)
+    lengths, cap, worst = [1, 17, 300, 1029], 1040, 0.0
+    dims = (128,) if "-DBUILD_D64=0" in opts else kk.HEAD_DIMS
+    for D in dims:
+        kv_heads, group = 2, 4
+        k = torch.randn(len(lengths), kv_heads, cap, D, device="cuda", generator=gen).half()
+        v = torch.randn(len(lengths), kv_heads, cap, D, device="cuda", generator=gen).half()
+        q = (2 * torch.randn(len(lengths), kv_heads * group, D, device="cuda",
+                             generator=gen)).half()
+        cache = kk.QuantizedKVCache(len(lengths), kv_heads, D, cap)
+        cache.append(k, v, lengths)
+        for b, n in enumerate(lengths):
+            for codes in (cache.k_codes, cache.v_codes):
+                codes[b, :, n:] = torch.randint(0, 256, codes[b, :, n:].shape, device="cuda",
+                                                dtype=torch.uint8, generator=gen)
+            cache.k_params[b, :, n:] = 0x7E007E00  # fp16 NaN in both halves
+            cache.v_params[b, :, n:] = 0x7E007E00
+        ref = kk.reference_decode_attention(q, k, v, lengths)
+        for n in (1, 3, 17):
+            out = torch.full_like(q, float("nan"))
+            with kernels_from(folder):
+                kk.decode_attention_kv4(q, cache.k_codes, cache.k_params, cache.v_codes,
+                                        cache.v_params, cache.lengths, max(lengths),
+                                        plan=split_plan(max(lengths), n, build), out=out,
+                                        compile_options=opts)
+            worst = max(worst, poisoned_err(out, ref))
+    return worst
+
+
+BLOCKED = "-DKV4M_LOAD_ONLY=2"
+
+
+def blocked(s: dict) -> torch.Tensor:
+    """For the blocked-layout diagnostic: random bytes in the place of K, 136 a token (codes and
+    params of K and V together), viewed with k_codes' shape (the kernel takes the pointer)."""
+    codes = s["cache"].k_codes
+    if "blocked" not in s:
+        B, H, L, half = codes.shape
+        s["blocked"] = torch.randint(0, 256, (B * H * L * (2 * half + 8),), dtype=torch.uint8,
+                                     device="cuda")
+    return s["blocked"][:codes.numel()].view(codes.shape)
+
+
 def ablate(out_dir: Path) -> None:
-    """Time every ABLATIONS variant (1 and 2 partitions) on ABLATION_ROWS, each checked first."""
-    records = []
-    for config, B, L in ABLATION_ROWS:
+    """Time every ABLATIONS variant on ABLATION_ROWS; each non-diagnostic variant is checked
+    first on ragged inputs and on the row's data."""
+    records, checked = [], {}
+    for label, build, opts, folder, diag, _ in ABLATIONS:
+        if not diag:
+            checked[label] = variant_check(build, opts, folder)
+            log(f"  check {label}: err {checked[label]:.2e}")
+    for config, B, L, row_splits in ABLATION_ROWS:
         _, hq, hkv = next(c for c in CONFIGS if c[0] == config)
         cache_kv4 = B * hkv * L * (HEAD_DIM // 2 + 4) * 2
         sets = [make_set(B, hq, hkv, L, HEAD_DIM)
@@ -430,39 +530,106 @@ def ablate(out_dir: Path) -> None:
         s0 = sets[0]
         ref = kk.reference_decode_attention(s0["q"][:1], s0["k"][:1], s0["v"][:1], [L])
         line = []
-        for label, build, opts in ABLATIONS:
-            for n in (1, 2):
-                chunk = kk._align(-(-L // n), kk.CHUNK_ALIGN)
-                plan = kk.SplitPlan(-(-L // chunk), chunk, build)
+        for label, build, opts, folder, diag, splits in ABLATIONS:
+            for n in splits or row_splits:
+                plan = split_plan(L, n, build)
+                if plan.splits != n or (splits and n not in row_splits and n > max(row_splits)):
+                    continue
 
                 def call(s, plan=plan, opts=opts):
                     c = s["cache"]
-                    kk.decode_attention_kv4(s["q"], c.k_codes, c.k_params, c.v_codes, c.v_params,
-                                            c.lengths, L, plan=plan, out=s["out4"],
-                                            compile_options=opts)
+                    kk.decode_attention_kv4(s["q"], blocked(s) if BLOCKED in opts else c.k_codes,
+                                            c.k_params, c.v_codes, c.v_params, c.lengths, L,
+                                            plan=plan, out=s["out4"], compile_options=opts)
                 s0["out4"].fill_(float("nan"))
-                call(s0)
+                with kernels_from(folder):
+                    call(s0)
                 err = poisoned_err(s0["out4"][:1], ref)
-                t = time_calls([lambda s=s: call(s) for s in sets])[0] if err < TOL else math.nan
+                ok = diag or (err < TOL and checked[label] < TOL)
+                t = time_calls([lambda s=s: call(s) for s in sets])[0] if ok else math.nan
                 records.append(dict(config=config, batch=B, context=L, variant=label,
-                                    splits=plan.splits, us=t * 1e6, err=err))
+                                    splits=plan.splits, us=t * 1e6, err=err, diagnostic=diag,
+                                    ragged_err=checked.get(label, math.nan),
+                                    MB=cache_kv4 / 1e6))
                 line.append(f"{label}/S{plan.splits} {t * 1e6:.1f}")
         log(f"  ablate {config} B={B} L={L}: " + " | ".join(line))
         del sets
         torch.cuda.empty_cache()
     (out_dir / "attention_ablation.json").write_text(json.dumps(records, indent=1))
-    rows = sorted({(r["config"], r["batch"], r["context"]) for r in records},
-                  key=lambda r: ABLATION_ROWS.index(r))
+    rows = [(c, b, l) for c, b, l, _ in ABLATION_ROWS]
     lines = ["| variant | S | " + " | ".join(f"{c} B{b} L{l}" for c, b, l in rows) + " |",
              "|---|---|" + "---|" * len(rows)]
-    for label, _, _ in ABLATIONS:
-        for n in (1, 2):
+    for label, *_ in ABLATIONS:
+        for n in sorted({r["splits"] for r in records if r["variant"] == label}):
             cells = [next((f"{r['us']:.1f}" for r in records if r["variant"] == label and
                            (r["config"], r["batch"], r["context"]) == row and r["splits"] == n), "")
                      for row in rows]
             lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
     (out_dir / "attention_ablation.md").write_text("\n".join(lines) + "\n")
     log("\n".join(lines))
+
+
+def trace(out_dir: Path) -> None:
+    """Per-CTA timelines (%globaltimer, SM id) of one call for each TRACES entry."""
+    from atom_lab.cuda import load_module
+    import cupy
+
+    summaries = []
+    for config, B, L, build, n, extra in TRACES:
+        _, hq, hkv = next(c for c in CONFIGS if c[0] == config)
+        opts = ("-DKV4M_TRACE=1",) + tuple(extra)
+        s = make_set(B, hq, hkv, L, HEAD_DIM)
+        c = s["cache"]
+        c.append(s["k"], s["v"])
+        plan = split_plan(L, n, build)
+
+        def call():
+            kk.decode_attention_kv4(s["q"], c.k_codes, c.k_params, c.v_codes, c.v_params,
+                                    c.lengths, L, plan=plan, out=s["out4"], compile_options=opts)
+        call()
+        call()
+        torch.cuda.synchronize()
+        ptr = load_module("decode_attention", opts).get_global("kv4m_trace")
+        buf = cupy.ndarray((5 * 65536,), dtype=cupy.uint64, memptr=ptr)
+        buf.fill(0)
+        cupy.cuda.Device().synchronize()
+        call()
+        torch.cuda.synchronize()
+        ctas = plan.splits * B * hkv * (-(-(hq // hkv) // kk.HEADS_PER_CTA))
+        t = cupy.asnumpy(buf[:5 * ctas]).reshape(ctas, 5).astype(np.int64)
+        summaries.append(summarize_trace(t, dict(config=config, batch=B, context=L, build=build,
+                                                 splits=plan.splits, options=" ".join(extra),
+                                                 MB=B * hkv * L * (HEAD_DIM + 8) / 1e6)))
+        log(f"  trace {summaries[-1]}")
+    torch.cuda.empty_cache()
+    (out_dir / "attention_trace.json").write_text(json.dumps(summaries, indent=1))
+
+
+def summarize_trace(t: np.ndarray, info: dict) -> dict:
+    """Times in us from the first CTA's start: launch spread, phases (round 2/3 body only: round
+    1's marks entry and exit alone), finish spread, CTAs and finish times per SM."""
+    t0 = t[:, 0].min()
+    start, loop0, loop1, fin = ((t[:, i] - t0) / 1e3 for i in range(4))
+    sm = t[:, 4]
+    per_sm = np.bincount(sm, minlength=132)
+    sm_done = np.array([fin[sm == i].max() for i in np.unique(sm)])
+    stamps = np.unique(t[:, :4][t[:, :4] > 0])
+
+    def q(x, p):
+        return round(float(np.percentile(x, p)), 2)
+    span = float(fin.max())
+    out = dict(info, ctas=len(t), sms=int((per_sm > 0).sum()), ctas_per_sm_max=int(per_sm.max()),
+               ctas_per_sm_min=int(per_sm[per_sm > 0].min()),
+               timer_step_ns=int(np.diff(stamps).min()) if len(stamps) > 1 else 0,
+               span_us=round(span, 2), GBps_over_span=round(info["MB"] * 1e3 / span, 1),
+               start_p50=q(start, 50), start_max=q(start, 100), finish_p10=q(fin, 10),
+               finish_p50=q(fin, 50), finish_p90=q(fin, 90), finish_max=round(span, 2),
+               sm_done_p10=q(sm_done, 10), sm_done_p50=q(sm_done, 50))
+    if (t[:, 1] > 0).all() and (t[:, 2] > 0).all():
+        out.update(prologue_p50=q(loop0 - start, 50), loop_p10=q(loop1 - loop0, 10),
+                   loop_p50=q(loop1 - loop0, 50), loop_max=q(loop1 - loop0, 100),
+                   epilogue_p50=q(fin - loop1, 50), epilogue_max=q(fin - loop1, 100))
+    return out
 
 
 def single(config: str, B: int, L: int, build: str, splits: int) -> None:
@@ -489,10 +656,14 @@ def main() -> int:
     ap.add_argument("--contexts", type=int, nargs="*", default=CONTEXTS)
     ap.add_argument("--single", nargs=5, metavar=("CONFIG", "B", "L", "BUILD", "S"))
     ap.add_argument("--ablate", action="store_true", help="only the kernel-variant ablation")
+    ap.add_argument("--trace", action="store_true", help="only the per-CTA timelines")
     args = ap.parse_args()
-    if args.ablate:
+    if args.ablate or args.trace:
         args.out.mkdir(parents=True, exist_ok=True)
-        ablate(args.out)
+        if args.trace:
+            trace(args.out)
+        if args.ablate:
+            ablate(args.out)
         return 0
     if args.single:
         cfg, B, L, build, S = args.single
