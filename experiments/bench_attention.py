@@ -58,7 +58,9 @@ CHECK_BUILDS = ("kv4", "kv4w8", "kv4s6", "kv4v3")
 # decode_attention.cu (e.g. the previous round's, copied there); diagnostic variants compute
 # something else than attention (no correctness gate). splits None: the row's own list.
 SUBSET = ("-DBUILD_ROUND1=0", "-DBUILD_D64=0")  # faster compiles: the D=128 round-2 builds only
-PREVIOUS = ".att_r2"  # round 2's decode_attention.cu, when present
+# round 2's decode_attention.cu, for a side-by-side baseline (variants skipped without it):
+#   mkdir -p .att_r2 && git show bb9e981:kernels/decode_attention.cu > .att_r2/decode_attention.cu
+PREVIOUS = ".att_r2"
 ABLATIONS = [
     ("round 2 kv4", "kv4", ("-DTAG_R2=1",), PREVIOUS, False, None),
     ("round 2 kv4w8", "kv4w8", ("-DTAG_R2=1",), PREVIOUS, False, None),
@@ -516,7 +518,11 @@ def ablate(out_dir: Path) -> None:
     """Time every ABLATIONS variant on ABLATION_ROWS; each non-diagnostic variant is checked
     first on ragged inputs and on the row's data."""
     records, checked = [], {}
-    for label, build, opts, folder, diag, _ in ABLATIONS:
+    missing = [a for a in ABLATIONS if a[3] and not (Path(a[3]) / "decode_attention.cu").is_file()]
+    for a in missing:
+        log(f"  skip {a[0]}: no {a[3]}/decode_attention.cu")
+    variants = [a for a in ABLATIONS if a not in missing]
+    for label, build, opts, folder, diag, _ in variants:
         if not diag:
             checked[label] = variant_check(build, opts, folder)
             log(f"  check {label}: err {checked[label]:.2e}")
@@ -530,7 +536,7 @@ def ablate(out_dir: Path) -> None:
         s0 = sets[0]
         ref = kk.reference_decode_attention(s0["q"][:1], s0["k"][:1], s0["v"][:1], [L])
         line = []
-        for label, build, opts, folder, diag, splits in ABLATIONS:
+        for label, build, opts, folder, diag, splits in variants:
             for n in splits or row_splits:
                 plan = split_plan(L, n, build)
                 if plan.splits != n or (splits and n not in row_splits and n > max(row_splits)):
@@ -559,7 +565,7 @@ def ablate(out_dir: Path) -> None:
     rows = [(c, b, l) for c, b, l, _ in ABLATION_ROWS]
     lines = ["| variant | S | " + " | ".join(f"{c} B{b} L{l}" for c, b, l in rows) + " |",
              "|---|---|" + "---|" * len(rows)]
-    for label, *_ in ABLATIONS:
+    for label, *_ in variants:
         for n in sorted({r["splits"] for r in records if r["variant"] == label}):
             cells = [next((f"{r['us']:.1f}" for r in records if r["variant"] == label and
                            (r["config"], r["batch"], r["context"]) == row and r["splits"] == n), "")
