@@ -78,10 +78,25 @@ GEMM_VARIANTS.update(STREAM_VARIANTS)
 # registers, a producer warpgroup unpacking the weight tile into shared memory, two consumer
 # warpgroups. wg: each consumer folds one 64-column half while the other half's wgmmas run;
 # wgs: one m64n128 sum a group, folded after it completes (comparison).
-WG_VARIANTS = {"wg_m128": (128, 128, 384), "wgs_m128": (128, 128, 384)}
+# wg1: round 3's v3 (one packed activation buffer instead of two): the dispatched one (round 4,
+# experiments/results/gemm_h100_notes.md: fastest on 11 of 12 rows with M >= 256, 2-3% over wg).
+# Round 4 attempts, kept for comparison: wgc: wg1 whose consumer threads stream their own
+# activation words and scales through a private shared-memory ring (cp.async, 3 stages ahead);
+# wgp*: persistent grid, the producer also copies the activation codes and both operands' scales
+# into shared memory (cp.async), any K fits; wgp: two consumer warpgroups, pipelined halves;
+# wgp3: three consumer warpgroups (tile 192 x 128), serial halves (issue, wait, fold).
+WG_VARIANTS = {"wg_m128": (128, 128, 384), "wgs_m128": (128, 128, 384),
+               "wg1_m128": (128, 128, 384), "wgc_m128": (128, 128, 384),
+               "wgp_m128": (128, 128, 384), "wgp3_m192": (192, 128, 512)}
+WG_DEFAULT = "wg1_m128"  # choose_gemm_variant's wgmma kernel
 GEMM_VARIANTS.update(WG_VARIANTS)
 GEMM_MODULES = {v: "w4a4_gemm_sm90" for v in WG_VARIANTS}  # others: "w4a4_gemm"
 WG_STAGES, WG_RING, WG_STAGE_K = 8, 4, 128  # as STAGES, RING, STAGE_K in the .cu file
+# round-3 family: variant -> (unpacked stages, producer ring, consumer activation ring), as DEFINE_WG
+WG_LAYOUT = {"wg_m128": (WG_STAGES, WG_RING, 0), "wgs_m128": (WG_STAGES, WG_RING, 0),
+             "wg1_m128": (WG_STAGES, WG_RING, 0), "wgc_m128": (6, 4, 4)}
+WGP_STAGES = {"wgp_m128": 6, "wgp3_m192": 6}  # as DEFINE_WGP
+WGP_RING, WGP_SCALE_WORDS = 4, 2  # as WGP_RING, SCALE_WORDS in the .cu file
 WG_MIN_M = 128  # wgmma from here up: 1.2-1.4x tc_m64 at M = 256 (gemm_h100.md); 65..255 unmeasured
 
 # Quantize kernels: "row" (round 1) = one block a row, load then quantize; "ring" = persistent
@@ -168,7 +183,7 @@ def choose_gemm_variant(m: int, n: int | None = None, k_total: int | None = None
         return "skinny_m16n16"
     if m <= 64:
         return "skinny_m32n16"
-    return "wg_m128" if m >= WG_MIN_M and has_wgmma() else "tc_m64"
+    return WG_DEFAULT if m >= WG_MIN_M and has_wgmma() else "tc_m64"
 
 
 @functools.lru_cache(maxsize=1)
@@ -230,28 +245,30 @@ def _ptr(t: torch.Tensor | None) -> np.uint64:
     return np.uint64(0 if t is None else t.data_ptr())
 
 
-_SMEM_OPT_IN: dict[tuple[str, str], int] = {}
+_SMEM_OPT_IN: dict[tuple, int] = {}
 
 
 @functools.lru_cache(maxsize=None)
-def _function(module: str, name: str):
-    return get_kernel(module, name)
+def _function(module: str, name: str, options: tuple[str, ...] = ()):
+    return get_kernel(module, name, options)
 
 
-def _kernel(module: str, name: str, smem: int):
-    kernel = _function(module, name)
+def _kernel(module: str, name: str, smem: int, options: tuple[str, ...] = ()):
+    """options: extra compiler flags (a separately compiled build, e.g. for ablations)."""
+    kernel = _function(module, name, options)
     # Above 48 KB a kernel must opt in to its dynamic shared memory. The opt-in only grows: a
     # launch with less still fits, and lowering it would break a later, larger launch.
-    if smem > _SMEM_OPT_IN.get((module, name), 0):
+    if smem > _SMEM_OPT_IN.get((module, name, options), 0):
         kernel.max_dynamic_shared_size_bytes = smem
-        _SMEM_OPT_IN[(module, name)] = smem
+        _SMEM_OPT_IN[(module, name, options)] = smem
     return kernel
 
 
-def _launch(module: str, name: str, grid, block, args, smem: int, device: torch.device) -> None:
+def _launch(module: str, name: str, grid, block, args, smem: int, device: torch.device,
+            options: tuple[str, ...] = ()) -> None:
     import cupy
 
-    kernel = _kernel(module, name, smem if smem > DEFAULT_SMEM // 2 else 0)
+    kernel = _kernel(module, name, smem if smem > DEFAULT_SMEM // 2 else 0, options)
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = torch_current_stream(index)
     with cupy.cuda.Device(index), stream:
@@ -411,9 +428,17 @@ def gemm_smem_bytes(variant: str, group_size: int, k_normal: int = 0) -> int:
         loads = 2 * (bm // 16) + bn // 8
         return (RING_DEPTH[variant] * loads * threads * group_size // 8
                 + 2 * (k_normal // group_size) * (bm + bn))
-    if variant in WG_VARIANTS:  # unpacked stages + their scales + mbarriers, packed ring, the
-        # tile's weight scales [bn, groups] fp16, alignment slack
-        return (WG_STAGES * (bn * WG_STAGE_K + 4 * 2 * bn + 16) + WG_RING * bn * 64
+    if variant in WGP_STAGES:  # WgpLayout in the .cu file: per stage the unpacked weights,
+        # the packed activation rows, their scale words, the weights' float scales, two mbarriers;
+        # the producer's ring of packed weight rows and their scale words; alignment slack
+        stages = WGP_STAGES[variant]
+        return (stages * (bn * WG_STAGE_K + bm * (64 + 4 * WGP_SCALE_WORDS) + 4 * 2 * bn + 16)
+                + WGP_RING * bn * (64 + 4 * WGP_SCALE_WORDS) + 1024)
+    if variant in WG_LAYOUT:  # unpacked stages + their scales + mbarriers, packed ring, the
+        # consumers' activation ring (ACP_SLOT), the tile's weight scales [bn, groups] fp16, slack
+        stages, ring, acp = WG_LAYOUT[variant]
+        acp_slot = 2 * 2 * 128 * 16 + 2 * 2 * 128 * 4 * (WG_STAGE_K // group_size)
+        return (stages * (bn * WG_STAGE_K + 4 * 2 * bn + 16) + ring * bn * 64 + acp * acp_slot
                 + 2 * bn * (k_normal // group_size) + 1024)
     if not variant.startswith("tc"):
         return 0  # static shared memory only
@@ -479,9 +504,32 @@ def mixed_gemm(a: MixedQuantized, w: MixedQuantized, bias: torch.Tensor | None =
     if variant in STREAM_VARIANTS:
         _launch_stream(variant, a.group_size, grid, args, dev)
         return y
+    if variant in WG_VARIANTS:
+        launch_wgmma(variant, a.group_size, m, n, kn, args, dev)
+        return y
     _launch(GEMM_MODULES.get(variant, "w4a4_gemm"), f"w4a4_gemm_{variant}_g{a.group_size}", grid,
             (threads,), args, smem, dev)
     return y
+
+
+def launch_wgmma(variant: str, group_size: int, m: int, n: int, kn: int, args, dev,
+                 options: tuple[str, ...] = (), persistent: bool = True) -> None:
+    """Launch a wgmma GEMM (WG_VARIANTS). The wgp* kernels take a persistent grid: one CTA a SM
+    (shared memory allows no more), each walking tiles b, b + grid, ...; persistent=False gives
+    every tile its own CTA (an ablation). options: extra compiler flags (ablation builds)."""
+    bm, bn, threads = GEMM_VARIANTS[variant]
+    if m * (kn // group_size) >= 2**31:
+        raise KernelShapeError(f"{variant}: M * (K-k)/G = {m * (kn // group_size)} scale elements; "
+                               "the kernels index them with 32 bits (< 2^31)")
+    tiles_n, tiles_m = -(-n // bn), -(-m // bm)
+    if variant in WGP_STAGES:
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        sms = torch.cuda.get_device_properties(index).multi_processor_count
+        grid = (min(tiles_n * tiles_m, sms) if persistent else tiles_n * tiles_m,)
+    else:
+        grid = (tiles_n, tiles_m)
+    _launch("w4a4_gemm_sm90", f"w4a4_gemm_{variant}_g{group_size}", grid, (threads,), args,
+            gemm_smem_bytes(variant, group_size, kn), dev, options)
 
 
 def gemm_kernel_args(a: MixedQuantized, w: MixedQuantized, bias: torch.Tensor | None,

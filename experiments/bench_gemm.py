@@ -778,6 +778,133 @@ def write_small(out: Path, slug: str, rows: list, variant_rows: list) -> None:
             f"{sel[v]['us']:6.1f} ({sel[v]['tops']:2.0f}%)" for v in names))
 
 
+# ------------------------------------------------------------------ large M: variants, ablations
+
+LARGE_MS = [256, 1024, 4096]
+# Builds timed beside the registered wgmma variants: (label, variant, compiler flags, persistent).
+# -DWG_ONLY_G128 keeps an ablation build's compile to the group-128 kernels.
+LARGE_BUILDS = [
+    ("wg1_m128:eager", "wg1_m128", ("-DWG_EAGER_SCALE", "-DWG_ONLY_G128"), True),
+    ("wg1_m128:nofold", "wg1_m128", ("-DWG_ABLATE_NOFOLD", "-DWG_ONLY_G128"), True),
+    ("wgc_m128:nofold", "wgc_m128", ("-DWG_ABLATE_NOFOLD", "-DWG_ONLY_G128"), True),
+    ("wgp_m128:np", "wgp_m128", (), False),
+]
+
+
+def large_contenders() -> list[tuple[str, str, tuple, bool]]:
+    return [(v, v, (), True) for v in ko.WG_VARIANTS] + LARGE_BUILDS
+
+
+def run_large(label_variant, a: MixedQuantized, w: MixedQuantized, y: torch.Tensor, bias=None):
+    _, variant, options, persistent = label_variant
+    m, n = y.shape
+    ko.launch_wgmma(variant, a.group_size, m, n, a.k_normal, ko.gemm_kernel_args(a, w, bias, y),
+                    y.device, options, persistent)
+
+
+def check_large() -> bool:
+    """Every wgmma variant and every non-ablation build against the float64 format reference on
+    GEMM_CASES with M > 64 (plus a multi-tile persistent case), outputs poisoned with NaN."""
+    ok = True
+    log("large-M variants and builds vs formats.mixed_gemm_reference (float64), NaN-poisoned:")
+    cases = [c for c in GEMM_CASES if c[0] > 64] + [(3000, 1300, 1152, 128, 128, True),
+                                                     (2001, 1030, 1216, 64, 64, False)]
+    for m, n, k_total, k, g, with_bias in cases:
+        a = encode_mixed(activations(m, k_total), k, 4, g, A_CLIP)
+        w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.05).half(), k, 4, g, 0.85)
+        bias = torch.randn(n, device="cuda").half() if with_bias else None
+        ref = decode_mixed(a, torch.float64) @ decode_mixed(w, torch.float64).T
+        if bias is not None:
+            ref += bias.double()
+        for lv in large_contenders():
+            if "nofold" in lv[0] or (g == 64 and "-DWG_ONLY_G128" in lv[2]):
+                continue
+            y = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+            try:
+                run_large(lv, a, w, y, bias)
+                torch.cuda.synchronize()
+            except ko.KernelShapeError as exc:
+                log(f"  {lv[0]:16s} M={m:4d} N={n:4d} K={k_total:5d}: not run ({exc})")
+                continue
+            err = ((y.double() - ref).norm() / ref.norm()).item()
+            good = bool(torch.isfinite(y).all()) and err < 1e-3
+            ok &= good
+            log(f"  {lv[0]:16s} M={m:4d} N={n:4d} K={k_total:5d} k={k:3d} G={g:3d} bias={int(with_bias)}:"
+                f" rel_err={err:.2e} {'PASS' if good else 'FAIL'}")
+    return ok
+
+
+def bench_large(out: Path, slug: str) -> int:
+    """--large: correctness of every wgmma variant and build, then all of them side by side with
+    cuBLAS FP16, W8A8 and _int_mm at M in LARGE_MS on the four shapes (event timing)."""
+    t0 = time.time()
+    correct = check_large()
+    log(f"correctness {'PASS' if correct else 'FAIL'} ({time.time() - t0:.0f}s)")
+    ceil = {"wgmma_ss_tops": ko.wgmma_s8_peak_tops("ss"), "wgmma_rs_tops": ko.wgmma_s8_peak_tops("rs")}
+    log("ceilings: " + ", ".join(f"{k}={v:.0f}" for k, v in ceil.items()))
+    peak = max(ceil.values())
+    results = []
+    labels = [lv[0] for lv in large_contenders()]
+    for k_total, n in SHAPES:
+        kn = k_total - OUTLIERS
+        w16 = (torch.randn(n, k_total, device="cuda") * 0.02).half()
+        wq = encode_mixed(w16, OUTLIERS, 4, GROUP, 0.85)
+        wqs = [wq] + [clone_mixed(wq) for _ in range(copies(ko.mixed_bytes(n, kn, OUTLIERS, GROUP)) - 1)]
+        w16ts = [w16.t()] + [w16.clone().t() for _ in range(copies(w16.numel() * 2) - 1)]
+        w8, s8 = int8_weight(w16)
+        w8ts = [w8.t()] + [w8.clone().t() for _ in range(copies(w8.numel()) - 1)]
+        idx = torch.randperm(k_total, device="cuda").int()
+        for m in LARGE_MS:
+            xs = [activations(m, k_total) for _ in range(min(copies(m * k_total * 2), 8))]
+            aqs = [ko.quantize_mixed(x, OUTLIERS, 4, GROUP, A_CLIP, idx) for x in xs]
+            aqs += [clone_mixed(aqs[i % len(aqs)]) for i in range(len(aqs),
+                                                                copies(ko.mixed_bytes(m, kn, OUTLIERS, GROUP)))]
+            pairs = max(len(aqs), len(wqs))
+            y = torch.empty(m, n, dtype=torch.float16, device="cuda")
+            row = {"K": k_total, "N": n, "M": m}
+            for lv in large_contenders():
+                row[lv[0]] = timed([lambda a=aqs[i % len(aqs)], w=wqs[i % len(wqs)], lv=lv:
+                                    run_large(lv, a, w, y) for i in range(pairs)])
+            x8s = [int8_weight(x)[0] for x in xs]
+            sx = [int8_weight(x)[1][:, None] for x in xs]
+            big = max(len(xs), len(w16ts))
+            row["cublas_fp16"] = timed([lambda x=xs[i % len(xs)], wt=w16ts[i % len(w16ts)]:
+                                        torch.matmul(x, wt) for i in range(big)])
+            big = max(len(x8s), len(w8ts))
+            row["int_mm"] = timed([lambda x=x8s[i % len(x8s)], wt=w8ts[i % len(w8ts)]:
+                                   torch._int_mm(x, wt) for i in range(big)])
+            row["w8a8"] = timed([lambda j=i % len(x8s), wt=w8ts[i % len(w8ts)]:
+                                 (torch._int_mm(x8s[j], wt) * sx[j]).mul_(s8[None, :]).half()
+                                 for i in range(big)])
+            ops = ko.gemm_flops(m, n, k_total)
+            best = min(labels[: len(ko.WG_VARIANTS)], key=lambda v: row[v])
+            log(f"K={k_total:5d} N={n:5d} M={m:4d} | " + " ".join(f"{v}={row[v]:.1f}" for v in labels)
+                + f" | fp16 {row['cublas_fp16']:.1f} w8a8 {row['w8a8']:.1f} int_mm {row['int_mm']:.1f}"
+                f" | best {best} {ops / row[best] / 1e6:.0f} TOPS ({100 * ops / row[best] / 1e6 / peak:.0f}%"
+                f" of wgmma) x{row['w8a8'] / row[best]:.2f} W8A8 x{row['cublas_fp16'] / row[best]:.2f} FP16")
+            results.append(row)
+            del xs, aqs, x8s, sx
+        del wqs, w16ts, w8ts
+        torch.cuda.empty_cache()
+    with open(out / f"gemm_{slug}_large.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(results[0]))
+        wr.writeheader()
+        wr.writerows(results)
+    log(f"total {time.time() - t0:.0f}s")
+    (out / f"gemm_{slug}_large_log.txt").write_text("\n".join(LOG) + "\n")
+    short = {lab: lab.replace("_m128", "").replace("_m192", "") for lab in labels}
+    print("\nus (lower is better); x = best registered variant vs W8A8 / FP16")
+    print(f"{'K':>5} {'N':>5} {'M':>4} " + " ".join(f"{short[v]:>9}" for v in labels)
+          + f" {'fp16':>7} {'w8a8':>7} {'best':>8} {'xW8A8':>5} {'xFP16':>5} {'%pk':>3}")
+    for r in results:
+        best = min(labels[: len(ko.WG_VARIANTS)], key=lambda v: r[v])
+        ops = ko.gemm_flops(r["M"], r["N"], r["K"])
+        print(f"{r['K']:5d} {r['N']:5d} {r['M']:4d} " + " ".join(f"{r[v]:9.1f}" for v in labels)
+              + f" {r['cublas_fp16']:7.1f} {r['w8a8']:7.1f} {short[best]:>8} {r['w8a8'] / r[best]:5.2f}"
+              f" {r['cublas_fp16'] / r[best]:5.2f} {100 * ops / r[best] / 1e6 / peak:3.0f}")
+    return 0 if correct else 1
+
+
 def main() -> int:
     global MS, SHAPES, SMALL_ONLY, PDL_OK, QUANT_SWEEP
     parser = argparse.ArgumentParser()
@@ -791,6 +918,8 @@ def main() -> int:
                         help="small-M rows (M = 1, 16) and the quantize kernels at every M only")
     parser.add_argument("--no-quant", action="store_true",
                         help="with --small: no quantize checks or sweeps (dispatched kernel timed)")
+    parser.add_argument("--large", action="store_true",
+                        help="large-M wgmma variants and ablation builds side by side (M >= 256)")
     parser.add_argument("--timeline", action="store_true",
                         help="per-CTA phase timeline of the small-M kernels (4096^2, M = 1, 16)")
     args = parser.parse_args()
@@ -810,6 +939,8 @@ def main() -> int:
     slug = (re.search(r"[AHBL]\d{2,3}", device) or re.search(r"\w+", device)).group(0).lower()
     torch.manual_seed(0)
     log(f"device: {device}; torch {torch.__version__}")
+    if args.large:
+        return bench_large(out, slug)
     t0 = time.time()
     correct = {"quantize": None, "gemm": None}
     PDL_OK = probe_pdl()

@@ -427,28 +427,56 @@ def _cu_defines(name: str) -> dict:
     return {key: int(val) for key, val in re.findall(r"#define (\w+) \(?(\d+)\)?\s", src)}
 
 
+@pytest.mark.parametrize("group", [64, 128])
 @pytest.mark.parametrize("groups", [8, 31, 170])
-def test_wgmma_shared_memory_matches_the_kernel_layout(groups):
-    """gemm_smem_bytes must reserve what gemm_wg lays out, read off the .cu source's constants:
-    unpacked stages, their float scales (two groups a stage), two mbarriers a stage, the packed
-    ring, the tile's fp16 weight scales and 1024 bytes to align the swizzled stages."""
+def test_wgmma_shared_memory_matches_the_kernel_layout(groups, group):
+    """gemm_smem_bytes must reserve what gemm_wg lays out, read off the .cu source's constants and
+    DEFINE_WG lines: unpacked stages, their float scales (two groups a stage), two mbarriers a
+    stage, the packed ring, the consumers' activation ring, the tile's fp16 weight scales and 1024
+    bytes to align the swizzled stages."""
     d = _cu_defines("w4a4_gemm_sm90.cu")
-    stages, ring, tile_n, stage_k = d["STAGES"], d["RING"], d["TILE_N"], d["STAGE_K"]
-    assert (stages, ring, stage_k) == (ko.WG_STAGES, ko.WG_RING, ko.WG_STAGE_K)
-    want = (stages * (tile_n * stage_k + 4 * 2 * tile_n + 16) + ring * tile_n * d["PACKED_BYTES"]
-            + 2 * tile_n * groups + 1024)
-    for variant in ko.WG_VARIANTS:
-        assert ko.gemm_smem_bytes(variant, 128, 128 * groups) == want
+    src = (Path(ko.__file__).resolve().parent.parent / "kernels" / "w4a4_gemm_sm90.cu").read_text()
+    assert (d["STAGES"], d["RING"], d["STAGE_K"]) == (ko.WG_STAGES, ko.WG_RING, ko.WG_STAGE_K)
+    tile_n, stage_k = d["TILE_N"], d["STAGE_K"]
+    acp_slot = 2 * 2 * 128 * 16 + 2 * 2 * 128 * 4 * (stage_k // group)  # ACP_SLOT(G)
+    for variant, layout in ko.WG_LAYOUT.items():
+        line = re.search(rf"DEFINE_WG\(w4a4_gemm_{variant}_g{group}, {group}, \d, (\w+), (\w+), (\d+)\)",
+                         src)
+        stages, ring, acp = (d[v] if v in d else int(v) for v in line.groups())
+        assert (stages, ring, acp) == layout, variant
+        want = (stages * (tile_n * stage_k + 4 * 2 * tile_n + 16) + ring * tile_n * d["PACKED_BYTES"]
+                + acp * acp_slot + 2 * tile_n * groups + 1024)
+        assert ko.gemm_smem_bytes(variant, group, group * groups) == want, variant
     # the register split of setmaxnreg must stay inside the pool of a 384 x 168 launch
     assert 128 * d["PRODUCER_REGS"] + 256 * d["CONSUMER_REGS"] <= 384 * 168
+
+
+@pytest.mark.parametrize("variant", sorted(ko.WGP_STAGES))
+def test_persistent_wgmma_shared_memory_matches_the_kernel_layout(variant):
+    """gemm_smem_bytes of a wgp* kernel must equal WgpLayout<CW, STG>::BYTES + 1024, read off the
+    .cu constants and the DEFINE_WGP line; it does not depend on K and fits one CTA a SM."""
+    d = _cu_defines("w4a4_gemm_sm90.cu")
+    src = (Path(ko.__file__).resolve().parent.parent / "kernels" / "w4a4_gemm_sm90.cu").read_text()
+    _, cw, stages = map(int, re.search(rf"DEFINE_WGP\(w4a4_gemm_{variant}_g128, (\d+), (\d+), (\d+),",
+                                       src).groups())
+    assert stages == ko.WGP_STAGES[variant] and 64 * cw == ko.GEMM_VARIANTS[variant][0]
+    assert (d["WGP_RING"], d["SCALE_WORDS"]) == (ko.WGP_RING, ko.WGP_SCALE_WORDS)
+    rows, tile_n, words = 64 * cw, d["TILE_N"], d["SCALE_WORDS"]
+    per_stage = (tile_n * d["STAGE_K"] + rows * d["PACKED_BYTES"] + rows * 4 * words
+                 + 4 * 2 * tile_n + 16)
+    want = stages * per_stage + d["WGP_RING"] * tile_n * (d["PACKED_BYTES"] + 4 * words) + 1024
+    assert ko.gemm_smem_bytes(variant, 128, 128 * 600) == want <= ko.SMEM_PER_SM
+    # setmaxnreg moves registers inside the launch's pool: the split must fit the register file
+    two, three = map(int, re.search(r"CONSUMER = CW == 2 \? (\d+) : (\d+);", src).groups())
+    assert 128 * d["WGP_PRODUCER_REGS"] + 128 * cw * (two if cw == 2 else three) <= 65536
 
 
 def test_dispatch_takes_wgmma_only_on_hopper_from_its_threshold(monkeypatch):
     monkeypatch.setattr(ko, "has_wgmma", lambda: False)
     assert all(ko.choose_gemm_variant(m) not in ko.WG_VARIANTS for m in range(1, 8193))
     monkeypatch.setattr(ko, "has_wgmma", lambda: True)
-    assert ko.choose_gemm_variant(ko.WG_MIN_M) == "wg_m128"
-    assert ko.choose_gemm_variant(8192) == "wg_m128"
+    assert ko.choose_gemm_variant(ko.WG_MIN_M) == ko.WG_DEFAULT in ko.WG_VARIANTS
+    assert ko.choose_gemm_variant(8192) == ko.WG_DEFAULT
     assert ko.choose_gemm_variant(ko.WG_MIN_M - 1) not in ko.WG_VARIANTS
 
 
@@ -473,6 +501,9 @@ wgmma = pytest.mark.skipif(not (kernel_backend_available() and ko.has_wgmma()),
     (4133, 520, 2176, 128, 128, False),  # M > 4096, not a multiple of the 128-row tile
     (512, 256, 4096, 0, 128, True),      # no outliers
     (300, 128, 1216, 192, 64, False),    # outliers not a multiple of the 128-column stage
+    (3000, 1300, 1152, 128, 128, True),  # more tiles than SMs: a persistent CTA walks several
+    (2001, 1030, 1216, 64, 64, False),   # the same at G = 64, odd M
+    (257, 256, 11136, 128, 128, False),  # long K: 86 scale groups a row
 ])
 def test_wgmma_gemm_matches_the_format_reference(variant, m, n, k_total, k, group, with_bias):
     a = encode_mixed(_acts(m, k_total), k, 4, group, 0.9)
@@ -487,6 +518,26 @@ def test_wgmma_gemm_matches_the_format_reference(variant, m, n, k_total, k, grou
         assert torch.isfinite(y).all(), "some outputs were never written"
         err = ((y.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-3, f"relative Frobenius error {err:.2e}"
+
+
+@wgmma
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", sorted(ko.WGP_STAGES))
+def test_persistent_grid_equals_one_cta_a_tile(variant):
+    """The persistent walk (stage counters running on across tiles) computes exactly what one
+    CTA a tile computes: same bits, on an M and N that give each CTA several tiles."""
+    m, n, k_total, k, group = 2600, 1416, 2176, 128, 128
+    a = encode_mixed(_acts(m, k_total), k, 4, group, 0.9)
+    w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.05).half(), k, 4, group, 0.85)
+    outs = []
+    for persistent in (True, False):
+        y = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+        ko.launch_wgmma(variant, group, m, n, k_total - k, ko.gemm_kernel_args(a, w, None, y),
+                        y.device, persistent=persistent)
+        outs.append(y)
+    torch.cuda.synchronize()
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1])
 
 
 @wgmma
