@@ -59,7 +59,6 @@ GEMV_VARIANTS = {"gemv_m8": (8, 8, 512), "gemv_m16": (16, 8, 512),
 GEMM_VARIANTS.update(GEMV_VARIANTS)
 GEMV_CONSUMERS, GEMV_MAX_SLOTS, GEMV_BARRIER_BYTES = 15, 8, 256  # as in the .cu file
 GEMV_PARTIAL_BYTES = GEMV_CONSUMERS * 32 * 16  # a slot's partial sums: one float4 a lane
-GEMV_MIN_WEIGHTS = 32 * 2**20  # choose_gemm_variant: gemv2 for M <= 8 from this N * K up
 GEMV_GROUPS_PER_WARP = {("gemv_m8", 128): 8, ("gemv_m8", 64): 16,
                         ("gemv_m16", 128): 8, ("gemv_m16", 64): 14,
                         ("gemv2_m8", 128): 8, ("gemv2_m8", 64): 16,
@@ -70,10 +69,16 @@ GEMV_GROUPS_PER_WARP = {("gemv_m8", 128): 8, ("gemv_m8", 64): 16,
 # serialization (cuLaunchKernelEx): it requests its weights while the previous kernel finishes and
 # waits for it (griddepcontrol.wait) before reading the activations. The weights must therefore
 # not be written by the kernel launched just before it (true of a model's weights).
-# variant -> (token tile, weight rows a CTA, threads)
-STREAM_VARIANTS = {"stream_m8": (8, 16, 256), "stream_m16": (16, 16, 256),
-                   "stream_m8_pdl": (8, 16, 256), "stream_m16_pdl": (16, 16, 256)}
+# "streamt": the persistent form for (K-k)/G <= STREAMT_MAX_GROUPS (a warp's K-slice fits its two
+# register chunks): STREAM_CTAS_PER_SM CTAs a SM walk the 16-row tiles, the token fragments stay in
+# shared memory for every tile, the next tile's weights are requested while the current one is
+# multiplied and reduced.
+# variant -> (token tile, weight rows a CTA tile, threads)
+STREAM_VARIANTS = {f"{form}_m{tile}{launch}": (tile, 16, 256) for form in ("stream", "streamt")
+                   for tile in (8, 16) for launch in ("", "_pdl")}
 GEMM_VARIANTS.update(STREAM_VARIANTS)
+STREAM_WARPS, STREAM_GROUPS, STREAM_CTAS_PER_SM = 8, 2, 2  # as the .cu file (__launch_bounds__)
+STREAMT_MAX_GROUPS = STREAM_WARPS * 2 * STREAM_GROUPS
 # Large M on Hopper (sm_90a, kernels/w4a4_gemm_sm90.cu): wgmma s8 with activations from
 # registers, a producer warpgroup unpacking the weight tile into shared memory, two consumer
 # warpgroups. wg: each consumer folds one 64-column half while the other half's wgmmas run;
@@ -172,15 +177,14 @@ def check_gemm_operands(a: MixedQuantized, w: MixedQuantized) -> tuple[int, int,
 
 
 def choose_gemm_variant(m: int, n: int | None = None, k_total: int | None = None) -> str:
-    """The GEMM kernel for M rows (thresholds from experiments/results/gemm_h100.md and, for
-    M <= 16, the graph timings of round 3, gemm_h100_round3_small.csv). With the weight shape
-    (N, K) known, M <= 8 streams weights of N * K >= GEMV_MIN_WEIGHTS through gemv2 (5-16% faster
-    than skinny from 4096 x 11008 up; 10% slower at 4096 x 4096); mixed_gemm falls back to skinny
-    where gemv2 cannot run. 9 <= M <= 16: skinny (gemv2_m16 measured 15-40% slower)."""
-    if m <= 8 and n is not None and k_total is not None and n * k_total >= GEMV_MIN_WEIGHTS:
-        return "gemv2_m8"
+    """The GEMM kernel for M rows (thresholds from experiments/results/gemm_h100.md; for M <= 16
+    the graph timings of round 4, gemm_h100_round4_small.csv). M <= 16: the register-streaming
+    GEMV launched with programmatic stream serialization, persistent form (streamt); mixed_gemm
+    falls back to the one-tile form (stream) where a warp's K-slice exceeds its registers (K - k >
+    4096 at G = 128) and to skinny without sm_90 or with misaligned operands. n and k_total are
+    accepted for callers that know the weight shape; the small-M choice does not need them."""
     if m <= 16:
-        return "skinny_m16n16"
+        return "streamt_m8_pdl" if m <= 8 else "streamt_m16_pdl"
     if m <= 64:
         return "skinny_m32n16"
     return WG_DEFAULT if m >= WG_MIN_M and has_wgmma() else "tc_m64"
@@ -466,12 +470,7 @@ def mixed_gemm(a: MixedQuantized, w: MixedQuantized, bias: torch.Tensor | None =
                 raise
             variant = "skinny_m16n16"
     if variant in STREAM_VARIANTS:
-        try:
-            _require_gemv_module(variant, tensors)
-        except KernelShapeError:
-            if not auto:
-                raise
-            variant = "skinny_m16n16"
+        variant = stream_or_fallback(variant, kn // a.group_size, tensors, auto)
     for i, t in enumerate(tensors):
         if not t.is_cuda or not t.is_contiguous():
             raise ValueError(f"mixed_gemm operands must be contiguous CUDA tensors (operand {i}: "
@@ -593,15 +592,45 @@ def stream_kernel_name(variant: str, group_size: int) -> str:
     return f"w4a4_{variant.removesuffix('_pdl')}_g{group_size}"
 
 
+def stream_or_fallback(variant: str, groups: int, tensors, auto: bool) -> str:
+    """The stream variant itself where it runs; else KernelShapeError, or under "auto" the
+    fallback: stream for a streamt whose K is too long, skinny where w4a4_gemv.cu cannot run."""
+    try:
+        _require_gemv_module(variant, tensors)
+    except KernelShapeError:
+        if not auto:
+            raise
+        return "skinny_m16n16"
+    if variant.startswith("streamt") and groups > STREAMT_MAX_GROUPS:
+        if not auto:
+            raise KernelShapeError(f"{variant}: (K-k)/G = {groups} groups, the persistent kernel "
+                                   f"keeps at most {STREAMT_MAX_GROUPS} (two chunks a warp); use "
+                                   f"{variant.replace('streamt', 'stream')}")
+        return variant.replace("streamt", "stream")
+    return variant
+
+
+def stream_token_bytes(variant: str, group_size: int) -> int:
+    """Dynamic shared memory of a streamt CTA: each lane's token fragments of its two chunks."""
+    tiles = STREAM_VARIANTS[variant][0] // 8
+    return 2 * tiles * STREAM_GROUPS * 32 * STREAM_WARPS * (group_size // 8)
+
+
 def _launch_stream(variant: str, group_size: int, grid, args, dev) -> None:
-    """A CTA a 16-row weight tile and token tile; static shared memory only. The kernel takes the
-    gemv signature (its ring-slot count is unused)."""
+    """stream: a CTA a 16-row weight tile and token tile. streamt: a persistent row of CTAs a token
+    tile, as few as give every CTA the same number of tiles within STREAM_CTAS_PER_SM a SM. The
+    kernels take the gemv signature (its ring-slot count is unused)."""
     name, threads = stream_kernel_name(variant, group_size), STREAM_VARIANTS[variant][2]
-    args = args + (np.int32(0),)
+    args, smem = args + (np.int32(0),), 0
+    if variant.startswith("streamt"):
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        slots = STREAM_CTAS_PER_SM * torch.cuda.get_device_properties(index).multi_processor_count
+        per_cta = -(-grid[0] // slots)
+        grid, smem = (-(-grid[0] // per_cta), grid[1]), stream_token_bytes(variant, group_size)
     if variant.endswith("_pdl"):
-        launch_pdl(_kernel("w4a4_gemv", name, 0), grid, (threads,), args, 0, dev)
+        launch_pdl(_kernel("w4a4_gemv", name, smem), grid, (threads,), args, smem, dev)
     else:
-        _launch("w4a4_gemv", name, grid, (threads,), args, 0, dev)
+        _launch("w4a4_gemv", name, grid, (threads,), args, smem, dev)
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute (cuda.h): id, padding, 64-byte union

@@ -19,7 +19,9 @@ captured CUDA graph of many calls (METHOD.md: small launches; launch gaps as in 
 decode step); larger rows use CUDA events around a batch of launches queued behind a GPU spin (so
 Python launch cost never shows). Inputs rotate over enough copies to exceed 3x the L2; median of 7.
 The `timing` column says which. `--small` runs only the small-M rows (M = 1, 16) and the quantize
-kernels at every M, checking only those kernels (round 3's runs).
+kernels at every M, checking only those kernels (rounds 3 and 4; `--no-quant` leaves the quantize
+checks and sweeps out) and writes gemm_<gpu>_round4_small*.csv. `--timeline` adds the per-CTA
+phase timeline of the small-M kernels at 4096 x 4096 (debug builds, kernels/gemv_timeline.cuh).
 Writes gemm_<gpu>.csv, gemm_<gpu>_variants.csv, gemm_<gpu>.md, gemm_<gpu>.png, gemm_<gpu>_log.txt.
 """
 from __future__ import annotations
@@ -166,7 +168,11 @@ def check_gemm() -> bool:
             ref += bias.double()
         for variant in small_variants() if SMALL_ONLY else runnable_variants():
             y = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
-            ko.mixed_gemm(a, w, bias, variant=variant, out=y)
+            try:
+                ko.mixed_gemm(a, w, bias, variant=variant, out=y)
+            except ko.KernelShapeError as exc:
+                log(f"  {variant:14s} M={m:4d} N={n:4d} K={k_total:5d}: not run ({exc})")
+                continue
             torch.cuda.synchronize()
             err = ((y.double() - ref).norm() / ref.norm()).item()
             finite = bool(torch.isfinite(y).all())
@@ -291,7 +297,8 @@ def int_mm_padded(x8: torch.Tensor, w8t: torch.Tensor) -> torch.Tensor:
 
 SMALL_ONLY = False  # --small: the dispatched small-M kernels of rounds 1 and 3 against round 4's
 SMALL_VARIANTS = ("skinny_m16n16", "gemv2_m8", "gemv2_m16", "stream_m8", "stream_m16",
-                  "stream_m8_pdl", "stream_m16_pdl")
+                  "stream_m8_pdl", "stream_m16_pdl", "streamt_m8", "streamt_m16", "streamt_m8_pdl",
+                  "streamt_m16_pdl")
 PDL_OK = True  # set by probe_pdl(): False drops the "_pdl" launches (reported in the log)
 QUANT_SWEEP = True  # --no-quant: time only the dispatched quantize kernel, check none
 
@@ -382,9 +389,16 @@ def bench_shape(k_total: int, n: int, ceil: dict, rows: list, variant_rows: list
         t_quant = t_qvar[ko.choose_quant_variant(m, k_total)]
         t_var = {}
         for v in applicable_variants(m):
+            try:
+                ko.mixed_gemm(aqs[0], wqs[0], variant=v)
+            except ko.KernelShapeError as exc:  # e.g. streamt with a K too long for its registers
+                log(f"K={k_total:5d} N={n:5d} M={m:4d} {v}: not run ({exc})")
+                continue
             t_var[v] = timer([lambda a=aqs[i % len(aqs)], w=wqs[i % len(wqs)], v=v:
                               ko.mixed_gemm(a, w, variant=v) for i in range(pairs)])
         auto = ko.choose_gemm_variant(m, n, k_total)
+        if auto in ko.STREAM_VARIANTS:  # the kernel "auto" runs (stream for a K too long for streamt)
+            auto = ko.stream_or_fallback(auto, kn // GROUP, [aqs[0].normal, wqs[0].normal], True)
         t_gemm = t_var[auto]
         t_both = timer([lambda x=xs[i % len(xs)], w=wqs[i % len(wqs)]:
                         ko.quantized_linear(x, w, A_CLIP, idx) for i in range(pairs)])

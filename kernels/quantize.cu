@@ -11,6 +11,8 @@
 // G in {64, 128}, k <= 256, 16-byte aligned rows.
 #include <cuda_fp16.h>
 
+#include "pdl.cuh"
+
 #define QUANT_THREADS 256
 #define MAX_OUTLIERS_PER_LANE 8  // k <= 256
 #define MIN_SCALE 1e-5f
@@ -544,11 +546,19 @@ __device__ void quantize_mixed_wide(const __half* __restrict__ x, const __half* 
         signed char *__restrict__ outlier, __half *__restrict__ oscales
 #define QUANT_PASS x, up, norm_w, eps, idx, K, k, clip, qmax, codes, scales, outlier, oscales
 
+// Up to PDL_EARLY_ROWS rows the ring kernel lets a PDL-launched consumer (the small-M GEMM,
+// kernel_ops.launch_pdl) start at once: it streams its weights while the rows are quantized and
+// waits for this grid before reading them (pdl.cuh). Measured (gemm_h100_notes.md, round 4) at
+// M = 1: quantize + GEMM 7.5 us instead of 10.6 at 4096^2; at M = 16 the early start cost more than
+// it saved (the GEMM's weight flood delays the quantize loads), so from 9 rows the consumer starts
+// when this grid ends, as with a plain launch.
+#define PDL_EARLY_ROWS 8
 #define DEFINE_QUANT(NAME, MODE, G)                                                          \
     extern "C" __global__ void __launch_bounds__(QUANT_THREADS) NAME(QUANT_ARGS) {          \
         quantize_mixed_row<MODE, G>(QUANT_PASS);                                             \
     }                                                                                        \
     extern "C" __global__ void __launch_bounds__(QUANT_THREADS) NAME##_ring(QUANT_ARGS, int M) { \
+        if (M <= PDL_EARLY_ROWS) pdl_launch_dependents();                                    \
         quantize_mixed_ring<MODE, G>(QUANT_PASS, M);                                         \
     }                                                                                        \
     extern "C" __global__ void __launch_bounds__(QUANT_THREADS) NAME##_wide(QUANT_ARGS, int M) { \

@@ -26,6 +26,7 @@
 #include <cuda_fp16.h>
 
 #include "gemv_timeline.cuh"
+#include "pdl.cuh"
 
 #define MAGIC_I 0x4B400000
 #define MAGIC_F 12582912.0f
@@ -580,13 +581,9 @@ DEFINE_GEMV2(w4a4_gemv2_m16_g64, 64, 2, 12)
 #define STREAM_WARPS 8
 #define STREAM_GROUPS 2  // K-groups of a chunk (G = 128: a lane's 16 bytes of two rows, twice)
 
-__device__ __forceinline__ void pdl_launch_dependents() {
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-}
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
-
 // Weight bytes are read once: no L1 allocation, and a 256-byte L2 fetch (a warp's chunk of a row is
-// 128 contiguous bytes, the next chunk follows). Volatile keeps them ahead of pdl_wait.
+// 128 contiguous bytes, the next chunk follows). Volatile keeps NVVM from moving them past
+// pdl_wait (ptxas still may: see pdl_wait_after_issued_loads).
 template <int WORDS>
 __device__ __forceinline__ void load_weight_words(const unsigned char* p, bool valid,
                                                   unsigned (&w)[WORDS]) {
@@ -697,60 +694,142 @@ __device__ __forceinline__ void stream_compute(const StreamChunk<G, TILES>& c, i
     }
 }
 
-template <int G, int TILES>
-__device__ void gemv_stream(GEMV_ARGS) {
-    constexpr int C = StreamChunk<G, TILES>::C;
-    __shared__ float red[STREAM_WARPS][TILES * 4][32];
-    TL_BEGIN;
-    pdl_launch_dependents();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    StreamLane l;
-    l.gid = lane >> 2;
-    l.t = lane & 3;
-    l.kb = Kn / 2;
-    l.ng = Kn / G;
-    l.m0 = blockIdx.y * 8 * TILES;
-    const long long n0 = 16LL * blockIdx.x, r0 = n0 + l.gid, r1 = r0 + 8;
+// The rows of weight tile `tile` (16 rows from 16 * tile) in a warp's view.
+__device__ __forceinline__ void stream_rows(StreamLane& l, long long tile, int N,
+                                            const unsigned char* __restrict__ w_codes,
+                                            const __half* __restrict__ w_scales) {
+    const long long r0 = 16 * tile + l.gid, r1 = r0 + 8;
     l.row0_ok = r0 < N;
     l.row1_ok = r1 < N;
     l.w_row0 = w_codes + r0 * l.kb;
     l.w_row1 = w_codes + r1 * l.kb;
     l.sw_row0 = w_scales + r0 * l.ng;
     l.sw_row1 = w_scales + r1 * l.ng;
-    const int g_begin = warp * l.ng / STREAM_WARPS;
+}
+
+// The INT8 outlier chunk `warp` (32 columns) of one weight tile: rows gid, gid + 8, and its tokens.
+template <int TILES>
+struct StreamOutliers {
+    unsigned w0[2], w1[2];  // weight rows gid, gid + 8: bytes 8t..8t+7 of the chunk
+    float sw0, sw1;         // their scales
+    unsigned x[TILES][2];   // token tt * 8 + gid
+    float2 sa[TILES];       // scales of tokens 2t, 2t + 1, x256: the 4-bit products carry 16 x 16
+    bool has, in;           // this warp has a chunk; this lane's 8 bytes lie inside k
+    int off;
+};
+
+template <int TILES>
+__device__ __forceinline__ void stream_outlier_weights(StreamOutliers<TILES>& o, long long tile,
+                                                       const StreamLane& l, int N, int k,
+                                                       const signed char* __restrict__ w_out,
+                                                       const __half* __restrict__ w_oscale) {
+    const long long r0 = 16 * tile + l.gid, r1 = r0 + 8;
+    const unsigned char* base = reinterpret_cast<const unsigned char*>(w_out);
+    load_weight_words<2>(base + r0 * k + o.off, o.in && l.row0_ok, o.w0);
+    load_weight_words<2>(base + r1 * k + o.off, o.in && l.row1_ok, o.w1);
+    o.sw0 = o.has && l.row0_ok ? __half2float(w_oscale[r0]) : 0.f;
+    o.sw1 = o.has && l.row1_ok ? __half2float(w_oscale[r1]) : 0.f;
+}
+
+template <int TILES>
+__device__ __forceinline__ void stream_outlier_tokens(StreamOutliers<TILES>& o, const StreamLane& l,
+                                                      int M, int k,
+                                                      const signed char* __restrict__ a_out,
+                                                      const __half* __restrict__ a_oscale) {
+#pragma unroll
+    for (int tt = 0; tt < TILES; ++tt) {
+        const long long tok = l.m0 + tt * 8 + l.gid, tok0 = l.m0 + tt * 8 + 2 * l.t;
+        load_words<2>(reinterpret_cast<const unsigned char*>(a_out) + tok * k + o.off,
+                      o.in && tok < M, o.x[tt]);
+        o.sa[tt].x = o.has && tok0 < M ? __half2float(a_oscale[tok0]) * 256.f : 0.f;
+        o.sa[tt].y = o.has && tok0 + 1 < M ? __half2float(a_oscale[tok0 + 1]) * 256.f : 0.f;
+    }
+}
+
+template <int TILES>
+__device__ __forceinline__ void stream_outlier_compute(const StreamOutliers<TILES>& o,
+                                                       float (&acc)[TILES][4]) {
+    if (!o.has) return;
+#pragma unroll
+    for (int tt = 0; tt < TILES; ++tt) {
+        int d[4] = {0, 0, 0, 0};
+        mma_s8(d, o.w0[0], o.w1[0], o.w0[1], o.w1[1], o.x[tt][0], o.x[tt][1]);
+        acc[tt][0] = fmaf((float)d[0], o.sw0 * o.sa[tt].x, acc[tt][0]);
+        acc[tt][1] = fmaf((float)d[1], o.sw0 * o.sa[tt].y, acc[tt][1]);
+        acc[tt][2] = fmaf((float)d[2], o.sw1 * o.sa[tt].x, acc[tt][2]);
+        acc[tt][3] = fmaf((float)d[3], o.sw1 * o.sa[tt].y, acc[tt][3]);
+    }
+}
+
+// Every warp's partial tile into red, one barrier, then one thread an output sums and stores.
+template <int TILES>
+__device__ __forceinline__ void stream_reduce_store(float (*red)[TILES * 4][32],
+                                                    const float (&acc)[TILES][4], long long tile,
+                                                    int m0, int M, int N,
+                                                    const __half* __restrict__ bias,
+                                                    __half* __restrict__ y) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int tt = 0; tt < TILES; ++tt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) red[warp][tt * 4 + e][lane] = acc[tt][e];
+    __syncthreads();
+    TL_MARK(5, 0u);
+    for (int o = threadIdx.x; o < TILES * 128; o += STREAM_WARPS * 32) {
+        const int e = o >> 5, L = o & 31;
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < STREAM_WARPS; ++w) v += red[w][e][L];
+        const long long n = 16 * tile + (L >> 2) + 8 * ((e & 3) >> 1);
+        const long long m = m0 + (e >> 2) * 8 + 2 * (L & 3) + (e & 1);
+        if (n < N && m < M) {
+            const float b = bias != nullptr ? __half2float(bias[n]) : 0.f;
+            y[m * N + n] = __float2half_rn(v * (1.f / 256.f) + b);
+        }
+    }
+}
+
+// A warp's view of the CTA: its K-groups [g_begin, l.g_end), its outlier chunk (chunk `warp`).
+template <int G, int TILES>
+__device__ __forceinline__ int stream_setup(StreamLane& l, StreamOutliers<TILES>& o, int M, int Kn,
+                                            int k) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    l.gid = lane >> 2;
+    l.t = lane & 3;
+    l.kb = Kn / 2;
+    l.ng = Kn / G;
+    l.m0 = blockIdx.y * 8 * TILES;
     l.g_end = (warp + 1) * l.ng / STREAM_WARPS;
+    o.has = warp * 32 < k;
+    o.off = warp * 32 + l.t * 8;
+    o.in = o.has && o.off < k;
+    return warp * l.ng / STREAM_WARPS;
+}
+
+template <int G, int TILES>
+__device__ void gemv_stream(GEMV_ARGS) {
+    constexpr int C = StreamChunk<G, TILES>::C;
+    __shared__ float red[STREAM_WARPS][TILES * 4][32];
+    TL_BEGIN;
+    pdl_launch_dependents();
+    StreamLane l;
+    StreamOutliers<TILES> o;
+    const int g_begin = stream_setup<G, TILES>(l, o, M, Kn, k);
     const int chunks = (l.g_end - g_begin + C - 1) / C;
+    stream_rows(l, blockIdx.x, N, w_codes, w_scales);
 
     // Weights first: both buffers and the warp's outlier chunk.
     StreamChunk<G, TILES> A, B;
     stream_load_weights(A, g_begin, l);
     if (chunks > 1) stream_load_weights(B, g_begin + C, l);
-    const bool has_chunk = warp * 32 < k;
-    const int o_off = warp * 32 + l.t * 8;
-    const bool o_in = has_chunk && o_off < k;
-    unsigned wo0[2], wo1[2];
-    load_weight_words<2>(reinterpret_cast<const unsigned char*>(w_out) + r0 * k + o_off,
-                         o_in && l.row0_ok, wo0);
-    load_weight_words<2>(reinterpret_cast<const unsigned char*>(w_out) + r1 * k + o_off,
-                         o_in && l.row1_ok, wo1);
-    const float osw0 = has_chunk && l.row0_ok ? __half2float(w_oscale[r0]) : 0.f;
-    const float osw1 = has_chunk && l.row1_ok ? __half2float(w_oscale[r1]) : 0.f;
+    stream_outlier_weights(o, blockIdx.x, l, N, k, w_out, w_oscale);
     TL_MARK(1, 0u);
 
     // Then the tokens, which the previous kernel may have written.
     pdl_wait();
     stream_load_tokens(A, g_begin, l, M, a_codes, a_scales);
     if (chunks > 1) stream_load_tokens(B, g_begin + C, l, M, a_codes, a_scales);
-    unsigned xo[TILES][2];
-    float2 so[TILES];  // x256: the 4-bit products carry 16 x 16, see gemv
-#pragma unroll
-    for (int tt = 0; tt < TILES; ++tt) {
-        const long long tok = l.m0 + tt * 8 + l.gid, tok0 = l.m0 + tt * 8 + 2 * l.t;
-        load_words<2>(reinterpret_cast<const unsigned char*>(a_out) + tok * k + o_off,
-                      o_in && tok < M, xo[tt]);
-        so[tt].x = has_chunk && tok0 < M ? __half2float(a_oscale[tok0]) * 256.f : 0.f;
-        so[tt].y = has_chunk && tok0 + 1 < M ? __half2float(a_oscale[tok0 + 1]) * 256.f : 0.f;
-    }
+    stream_outlier_tokens(o, l, M, k, a_out, a_oscale);
 
     float acc[TILES][4];
 #pragma unroll
@@ -775,39 +854,105 @@ __device__ void gemv_stream(GEMV_ARGS) {
             }
         }
     }
-    if (has_chunk) {
-#pragma unroll
-        for (int tt = 0; tt < TILES; ++tt) {
-            int o[4] = {0, 0, 0, 0};
-            mma_s8(o, wo0[0], wo1[0], wo0[1], wo1[1], xo[tt][0], xo[tt][1]);
-            acc[tt][0] = fmaf((float)o[0], osw0 * so[tt].x, acc[tt][0]);
-            acc[tt][1] = fmaf((float)o[1], osw0 * so[tt].y, acc[tt][1]);
-            acc[tt][2] = fmaf((float)o[2], osw1 * so[tt].x, acc[tt][2]);
-            acc[tt][3] = fmaf((float)o[3], osw1 * so[tt].y, acc[tt][3]);
-        }
-    }
+    stream_outlier_compute(o, acc);
     TL_MARK(4, __float_as_uint(acc[0][0]));
+    stream_reduce_store<TILES>(red, acc, blockIdx.x, l.m0, M, N, bias, y);
+    TL_MARK(6, 0u);
+    TL_END;
+}
 
+// streamt keeps a warp's token fragments in (dynamic) shared memory between tiles instead of
+// registers: slot ((chunk * TILES + tt) * C + j) of this lane, lanes contiguous (no conflicts);
+// each lane reads back only what it wrote, so no barrier is needed.
+template <int G, int TILES>
+__device__ __forceinline__ unsigned* stream_token_slot(unsigned char* smem, int ch, int tt, int j) {
+    constexpr int C = StreamChunk<G, TILES>::C;
+    const int slot = ((ch * TILES + tt) * C + j) * STREAM_WARPS * 32 + threadIdx.x;
+    return reinterpret_cast<unsigned*>(smem + slot * (G / 8));
+}
+template <int G, int TILES>
+__device__ __forceinline__ void stream_stash_tokens(unsigned char* smem, int ch,
+                                                    const StreamChunk<G, TILES>& c) {
+    constexpr int C = StreamChunk<G, TILES>::C;
 #pragma unroll
     for (int tt = 0; tt < TILES; ++tt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) red[warp][tt * 4 + e][lane] = acc[tt][e];
-    __syncthreads();
-    TL_MARK(5, 0u);
-    for (int o = threadIdx.x; o < TILES * 128; o += STREAM_WARPS * 32) {
-        const int e = o >> 5, L = o & 31;
-        float v = 0.f;
-#pragma unroll
-        for (int w = 0; w < STREAM_WARPS; ++w) v += red[w][e][L];
-        const long long n = n0 + (L >> 2) + 8 * ((e & 3) >> 1);
-        const long long m = l.m0 + (e >> 2) * 8 + 2 * (L & 3) + (e & 1);
-        if (n < N && m < M) {
-            const float b = bias != nullptr ? __half2float(bias[n]) : 0.f;
-            y[m * N + n] = __float2half_rn(v * (1.f / 256.f) + b);
+        for (int j = 0; j < C; ++j) {
+            unsigned* p = stream_token_slot<G, TILES>(smem, ch, tt, j);
+            if constexpr (G == 128)
+                *reinterpret_cast<uint4*>(p) =
+                    make_uint4(c.x[tt][j][0], c.x[tt][j][1], c.x[tt][j][2], c.x[tt][j][3]);
+            else
+                *reinterpret_cast<uint2*>(p) = make_uint2(c.x[tt][j][0], c.x[tt][j][1]);
         }
+}
+template <int G, int TILES>
+__device__ __forceinline__ void stream_unstash_tokens(unsigned char* smem, int ch,
+                                                      StreamChunk<G, TILES>& c) {
+    constexpr int C = StreamChunk<G, TILES>::C;
+#pragma unroll
+    for (int tt = 0; tt < TILES; ++tt)
+#pragma unroll
+        for (int j = 0; j < C; ++j)
+            shared_words<G / 32>(reinterpret_cast<const unsigned char*>(
+                                     stream_token_slot<G, TILES>(smem, ch, tt, j)),
+                                 c.x[tt][j]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// streamt (round 4, persistent form) for K - k <= 2 * STREAM_WARPS * STREAM_GROUPS * G, where a
+// warp's K-slice is at most two chunks: CTA b walks weight tiles b, b + gridDim.x, ... The
+// slice's token fragments (in shared memory: registers are short), token scales and outlier
+// tokens are loaded once and kept for every tile (no re-reads of the activations a tile), and the
+// next tile's weights (both
+// chunks and the outlier chunk) are requested as soon as the current tile's registers are free:
+// chunk A right after it is multiplied, while B is; B before the reduction. Partial tiles
+// alternate between two shared buffers, so one barrier a tile suffices: a warp writing tile i + 2
+// has passed tile i + 1's barrier, which every reader of tile i reached after reading it.
+// ---------------------------------------------------------------------------------------------
+template <int G, int TILES>
+__device__ void gemv_stream_tiles(GEMV_ARGS) {
+    constexpr int C = StreamChunk<G, TILES>::C;
+    __shared__ float red[2][STREAM_WARPS][TILES * 4][32];
+    extern __shared__ __align__(16) unsigned char token_smem[];  // host: stream_token_bytes
+    pdl_launch_dependents();
+    StreamLane l;
+    StreamOutliers<TILES> o;
+    const int g_begin = stream_setup<G, TILES>(l, o, M, Kn, k);
+    const long long tiles = (N + 15) / 16;
+    long long tile = blockIdx.x;
+    stream_rows(l, tile, N, w_codes, w_scales);
+    StreamChunk<G, TILES> A, B;
+    stream_load_weights(A, g_begin, l);
+    stream_load_weights(B, g_begin + C, l);
+    stream_outlier_weights(o, tile, l, N, k, w_out, w_oscale);
+    pdl_wait_after_issued_loads(M > 0);
+    stream_load_tokens(A, g_begin, l, M, a_codes, a_scales);
+    stream_load_tokens(B, g_begin + C, l, M, a_codes, a_scales);
+    stream_outlier_tokens(o, l, M, k, a_out, a_oscale);
+    stream_stash_tokens(token_smem, 0, A);
+    stream_stash_tokens(token_smem, 1, B);
+#pragma unroll 1
+    for (int i = 0; tile < tiles; tile += gridDim.x, ++i) {
+        float acc[TILES][4];
+#pragma unroll
+        for (int tt = 0; tt < TILES; ++tt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[tt][e] = 0.f;
+        const long long next = tile + gridDim.x;
+        stream_unstash_tokens(token_smem, 0, A);
+        stream_compute(A, g_begin, l.g_end, acc);
+        stream_outlier_compute(o, acc);
+        if (next < tiles) {
+            stream_rows(l, next, N, w_codes, w_scales);
+            stream_load_weights(A, g_begin, l);
+            stream_outlier_weights(o, next, l, N, k, w_out, w_oscale);
+        }
+        stream_unstash_tokens(token_smem, 1, B);
+        stream_compute(B, g_begin + C, l.g_end, acc);
+        if (next < tiles) stream_load_weights(B, g_begin + C, l);
+        stream_reduce_store<TILES>(red[i & 1], acc, tile, l.m0, M, N, bias, y);
     }
-    TL_MARK(6, 0u);
-    TL_END;
 }
 
 #define DEFINE_STREAM(NAME, G, TILES)                                                       \
@@ -820,6 +965,15 @@ DEFINE_STREAM(w4a4_stream_m8_g128, 128, 1)
 DEFINE_STREAM(w4a4_stream_m8_g64, 64, 1)
 DEFINE_STREAM(w4a4_stream_m16_g128, 128, 2)
 DEFINE_STREAM(w4a4_stream_m16_g64, 64, 2)
+#define DEFINE_STREAMT(NAME, G, TILES)                                                      \
+    extern "C" __global__ void __launch_bounds__(STREAM_WARPS * 32, 2) NAME(                 \
+        GEMV_ARGS) {                                                                        \
+        gemv_stream_tiles<G, TILES>(GEMV_PASS);                                             \
+    }
+DEFINE_STREAMT(w4a4_streamt_m8_g128, 128, 1)
+DEFINE_STREAMT(w4a4_streamt_m8_g64, 64, 1)
+DEFINE_STREAMT(w4a4_streamt_m16_g128, 128, 2)
+DEFINE_STREAMT(w4a4_streamt_m16_g64, 64, 2)
 
 // An empty kernel: what one graph node costs with nothing to do (bench_gemm.py --timeline).
 extern "C" __global__ void gemv_empty_kernel() {}

@@ -332,13 +332,18 @@ def test_quantize_kernels_match_the_reference_at_ties_and_extremes(variant, clip
     (5, 1056, 2176, 0, 64, False),
     (8, 200, 1280, 256, 128, True),    # N % 8 != 0: the last octet is copied without bulk copies
     (9, 512, 1104, 16, 64, False),
-    (16, 11008, 4224, 128, 128, True),  # 11 octets a CTA: the 8-slot ring wraps around
+    (16, 11008, 4224, 128, 128, True),  # 11 octets a CTA: the 8-slot ring wraps around; streamt:
+                                        # 688 tiles, 3 a CTA (both partial-tile buffers reused)
     (13, 2112, 12800, 256, 128, False),  # 98 groups: 7 a gemv consumer, 7 stream chunks a warp
     (37, 96, 1152, 128, 128, True),    # several token tiles (gridDim.y)
 ])
 def test_gemv_matches_the_format_reference(variant, m, n, k_total, k, group, with_bias):
     a = encode_mixed(_acts(m, k_total), k, 4, group, 0.9)
     w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.05).half(), k, 4, group, 0.85)
+    if variant.startswith("streamt") and (k_total - k) // group > ko.STREAMT_MAX_GROUPS:
+        with pytest.raises(ko.KernelShapeError, match="groups"):
+            ko.mixed_gemm(a, w, variant=variant)
+        return
     bias = torch.randn(n, device="cuda").half() if with_bias else None
     ref = decode_mixed(a, torch.float64) @ decode_mixed(w, torch.float64).T
     if bias is not None:
@@ -353,15 +358,28 @@ def test_gemv_matches_the_format_reference(variant, m, n, k_total, k, group, wit
 
 @gpu
 @pytest.mark.gpu
-def test_auto_dispatch_falls_back_where_gemv_cannot_run():
+def test_gemv_refuses_a_k_too_long_for_its_registers():
     most = ko.GEMV_CONSUMERS * ko.GEMV_GROUPS_PER_WARP[("gemv2_m8", 128)]
     k_total, k = (most + 1) * 128 + 128, 128
-    n = -(-ko.GEMV_MIN_WEIGHTS // k_total) // 8 * 8 + 8  # large enough for "auto" to pick gemv2
-    assert ko.choose_gemm_variant(2, n, k_total) == "gemv2_m8"
     a = encode_mixed(_acts(2, k_total), k, 4, 128, 0.9)
-    w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.05).half(), k, 4, 128, 0.85)
+    w = encode_mixed((torch.randn(64, k_total, device="cuda") * 0.05).half(), k, 4, 128, 0.85)
     with pytest.raises(ko.KernelShapeError, match="groups"):
         ko.mixed_gemm(a, w, variant="gemv2_m8")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [2, 11])
+def test_auto_dispatch_falls_back_from_the_persistent_stream_on_a_long_k(m):
+    """K - k = 11008 - 128: 85 groups, more than streamt's registers hold; "auto" picks streamt
+    for M <= 16 and must run stream instead (forcing streamt raises, naming the groups)."""
+    k_total, k, n = 11008, 128, 272
+    assert ko.choose_gemm_variant(m, n, k_total).startswith("streamt")
+    a = encode_mixed(_acts(m, k_total), k, 4, 128, 0.9)
+    w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.05).half(), k, 4, 128, 0.85)
+    with pytest.raises(ko.KernelShapeError, match="85 groups"):
+        ko.mixed_gemm(a, w, variant=ko.choose_gemm_variant(m, n, k_total))
+    torch.cuda.synchronize()  # the weights are written: let that finish before a PDL launch
     y = ko.mixed_gemm(a, w)
     ref = decode_mixed(a, torch.float64) @ decode_mixed(w, torch.float64).T
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-3
@@ -371,16 +389,20 @@ def test_auto_dispatch_falls_back_where_gemv_cannot_run():
 
 
 def test_stream_variants_name_kernels_of_the_gemv_source():
-    """Each stream variant launches a kernel defined in w4a4_gemv.cu with the CTA size the source
-    uses (STREAM_WARPS warps), and a _pdl variant the very same kernel as its plain twin."""
+    """Each stream variant launches a kernel defined in w4a4_gemv.cu (stream: DEFINE_STREAM,
+    streamt: DEFINE_STREAMT) with the token tile, CTA size (STREAM_WARPS warps) and chunk size the
+    source uses, and a _pdl variant the very same kernel as its plain twin."""
     d = _cu_defines("w4a4_gemv.cu")
+    assert (d["STREAM_WARPS"], d["STREAM_GROUPS"]) == (ko.STREAM_WARPS, ko.STREAM_GROUPS)
     src = (Path(ko.__file__).resolve().parent.parent / "kernels" / "w4a4_gemv.cu").read_text()
     for variant, (tile, rows, threads) in ko.STREAM_VARIANTS.items():
+        macro = "DEFINE_STREAMT" if variant.startswith("streamt") else "DEFINE_STREAM"
         for group in ko.SUPPORTED_GROUPS:
             name = ko.stream_kernel_name(variant, group)
-            tiles = int(re.search(rf"DEFINE_STREAM\({name}, {group}, (\d)\)", src).group(1))
+            tiles = int(re.search(rf"{macro}\({name}, {group}, (\d)\)", src).group(1))
             assert 8 * tiles == tile
-        assert (threads, rows) == (32 * d["STREAM_WARPS"], 16)
+        assert (threads, rows) == (32 * ko.STREAM_WARPS, 16)
+    assert f"__launch_bounds__(STREAM_WARPS * 32, {ko.STREAM_CTAS_PER_SM})" in src
     assert ko.stream_kernel_name("stream_m16_pdl", 64) == ko.stream_kernel_name("stream_m16", 64)
 
 
