@@ -73,7 +73,7 @@ class KernelLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernel_ops.mixed_gemm(self.act(x), self.packed, self.bias)
+        y = kernel_ops.mixed_gemm(self.act(x), self.packed, self.bias, static_weights=True)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 

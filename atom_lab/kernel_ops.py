@@ -190,6 +190,13 @@ def choose_gemm_variant(m: int, n: int | None = None, k_total: int | None = None
     return WG_DEFAULT if m >= WG_MIN_M and has_wgmma() else "tc_m64"
 
 
+def auto_gemm_variant(m: int, n: int, k_total: int, static_weights: bool) -> str:
+    """mixed_gemm's "auto": choose_gemm_variant, launched plainly unless the weights are static
+    (an early-starting "_pdl" kernel reads them while the previous kernel may still write)."""
+    variant = choose_gemm_variant(m, n, k_total)
+    return variant if static_weights else variant.removesuffix("_pdl")
+
+
 @functools.lru_cache(maxsize=1)
 def has_wgmma() -> bool:
     """True on a Hopper GPU (sm_90: wgmma needs the sm_90a target) with the kernel backend."""
@@ -451,13 +458,18 @@ def gemm_smem_bytes(variant: str, group_size: int, k_normal: int = 0) -> int:
 
 
 def mixed_gemm(a: MixedQuantized, w: MixedQuantized, bias: torch.Tensor | None = None,
-               variant: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
-    """FP16 Y [M, N] = decode(a) @ decode(w)^T (+ bias), as formats.mixed_gemm_reference."""
+               variant: str = "auto", out: torch.Tensor | None = None,
+               static_weights: bool = False) -> torch.Tensor:
+    """FP16 Y [M, N] = decode(a) @ decode(w)^T (+ bias), as formats.mixed_gemm_reference.
+
+    static_weights=True promises that the kernel launched just before this call did not write w
+    (true of a model's weights): "auto" may then pick a "_pdl" variant, which reads the weights
+    while that kernel is still running. Without the promise "auto" launches plainly."""
     require_kernel_backend()
     m, n, kn, k = check_gemm_operands(a, w)
     auto = variant == "auto"
     if auto:
-        variant = choose_gemm_variant(m, n, kn + k)
+        variant = auto_gemm_variant(m, n, kn + k, static_weights)
     if variant not in GEMM_VARIANTS:
         raise ValueError(f"variant={variant!r}: allowed 'auto' or {sorted(GEMM_VARIANTS)}")
     tensors = [a.normal, a.normal_scales, a.outlier, a.outlier_scales,
@@ -695,7 +707,7 @@ def quantized_linear(x: torch.Tensor, w: MixedQuantized, clip: float = 1.0,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] fp16 -> quantize (gather fused) -> W4A4 GEMM -> [..., N] fp16."""
     a = quantize_mixed(x, w.k_outliers, w.bits, w.group_size, clip, reorder_index)
-    y = mixed_gemm(a, w, bias)
+    y = mixed_gemm(a, w, bias, static_weights=True)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

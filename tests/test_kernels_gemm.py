@@ -367,6 +367,15 @@ def test_gemv_refuses_a_k_too_long_for_its_registers():
         ko.mixed_gemm(a, w, variant="gemv2_m8")
 
 
+def test_early_start_launches_only_for_static_weights():
+    for m in (1, 8, 16):
+        static = ko.auto_gemm_variant(m, 4096, 4096, static_weights=True)
+        plain = ko.auto_gemm_variant(m, 4096, 4096, static_weights=False)
+        assert static.endswith("_pdl") and plain == static.removesuffix("_pdl")
+        assert plain in ko.GEMM_VARIANTS
+    assert ko.auto_gemm_variant(4096, 4096, 4096, False) == ko.choose_gemm_variant(4096)
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [2, 11])
