@@ -1,17 +1,30 @@
 """4-bit KV cache on the GPU: quantize-and-append and fused decode attention (CuPy kernels).
 
-Cache layout: per-sequence contiguous, with lengths (not paged). Each (sequence, KV head) owns
-`capacity` consecutive token rows:
-  k_codes / v_codes    uint8 [batch, kv_heads, capacity, head_dim / 2]  formats.KVQuantized codes
-  k_params / v_params  int32 [batch, kv_heads, capacity]  fp16 scale (low half) | fp16 zero (high)
-  lengths              int32 [batch] on the device (the kernels read it) and mirrored on the host
-Why contiguous: the decode kernel streams each sequence's tokens as one linear run (16-byte
-coalesced copies, no page-table lookups), the append kernel addresses a row as
-base + length, and a benchmark or a fixed-batch evaluation knows its maximum length up front.
-The cost is memory reserved per slot up to `capacity`; a serving system that admits and evicts
-sequences dynamically would want paged blocks instead (the kernels would then take a block table).
-Scale and zero sit in one 32-bit word per token so the kernels fetch both with one load; the
-`k_quantized(b)` / `v_quantized(b)` views give them back as formats.KVQuantized tensors.
+Cache layout: paged, 16-token blocks (as vLLM and FlashInfer, which Atom's kernels used):
+  pool         uint8 [num_blocks, block_bytes(head_dim)]; a block holds 16 tokens of one KV head
+               as one contiguous run of 16 D + 128 bytes (2176 for D = 128, 1152 for D = 64, both
+               multiples of 128, so no padding): K codes [16, D/2], V codes [16, D/2]
+               (formats.KVQuantized codes), then 16 K and 16 V param words (int32: fp16 scale in
+               the low half, fp16 zero in the high half)
+  block_table  int32 [batch, kv_heads, max_blocks]: physical block of the i-th 16 tokens of each
+               (sequence, KV head); every entry is a valid id, used or not (the kernel prefetches
+               before it knows the length)
+  lengths      int32 [batch] on the device (the kernels read it) and mirrored on the host
+Sequences of different lengths share one pool and grow a block at a time without copies; the host
+allocates blocks on append (one (sequence, head) after the other, so a prompt's blocks of one
+head are consecutive in a fresh pool) and takes them back on `release`. The decode kernel copies
+a whole block per 16-token tile (one contiguous run instead of round 3's four streams of K codes,
+V codes, K params, V params) and reads each block id two tiles ahead of its copies. Measured on
+the H100 (round 4, attention_notes.md): the runs are copied no faster than the four streams
+(60.0 vs 60.0 us on a 142 MB row), the same kernel body runs within 1% of the contiguous layout
+on grids of many CTAs, the table read costs up to 11% on grids of one CTA an SM (kv4p; the
+8-warp build hides most of it), and blocks scattered over the pool up to 4%. Blocks hold one KV
+head each (not all heads of 16 tokens, as vLLM's pages): so a head's tokens can be consecutive
+in memory; the all-heads page measured no faster either.
+`k_quantized(b)` / `v_quantized(b)` read a sequence back as formats.KVQuantized tensors and
+`append_quantized` writes KVQuantized tensors in (the two conversions of the layout);
+`to_contiguous` gives rounds 1-3's contiguous layout, which `decode_attention_kv4` still runs
+as the measured comparison.
 
 Only one quantization group per head (kv_group_size 0 or head_dim) is supported: the decode
 kernel folds the dequantization into the dot products as s * (q.c - z * sum(q)), which needs one
@@ -38,6 +51,7 @@ HEADS_PER_CTA = 8       # query heads one decode CTA serves (the mma's 8-wide di
 TILE = 16               # tokens per warp tile
 CHUNK_ALIGN = 64        # context partitions are multiples of this many tokens
 CAPACITY_ALIGN = 16     # capacity multiple: tiles never straddle the end of a row block
+BLOCK_TOKENS = 16       # tokens of one paged block (= TILE: a warp's tile is one block)
 APPEND_WARPS = 8
 MAX_SPLITS = 256        # the merging CTA keeps [8 heads][splits] weights in shared memory
 
@@ -58,6 +72,13 @@ class DecodeBuild:
 
 
 BUILDS = {
+    # round 4: the round-3 body on the paged cache, one contiguous run a tile. Constants: round
+    # 3's kv4 / kv4w8 with a guessed higher sustained rate, the 8-warp build favoured on one-wave
+    # grids (round 4 run 1: 0-4% faster there); run 2's plans are within 1.3% of its sweep's best
+    # on every target row
+    "kv4p": DecodeBuild(4, 4, "kv4m", 2.85e12, 25e9, 3.8e-6, 0.126, 0.7e-6),
+    "kv4pw8": DecodeBuild(8, 4, "kv4m", 2.88e12, 35e9, 4.0e-6, 0.126, 1.1e-6),
+    # The contiguous layout of rounds 1-3 (decode_attention_kv4), the measured comparison.
     # round 3 body (software-pipelined, L2 128-byte prefetch hint): 4 CTAs an SM
     "kv4": DecodeBuild(4, 4, "kv4m", 2.65e12, 23.5e9, 3.6e-6, 0.126, 0.7e-6),
     # twice the warps, 2 CTAs an SM: faster lone CTAs
@@ -69,8 +90,15 @@ BUILDS = {
     "kv4v3": DecodeBuild(4, 4, "kv4v3", 3.01e12, 16.9e9, 4.8e-6, 0.305, 4.0e-6),
     "fp16": DecodeBuild(4, 3, "fp16", 2.95e12, 21e9, 5e-6),
 }
-_FAMILY = {"kv4": ("kv4", "kv4w8", "kv4s6", "kv4v3"), "fp16": ("fp16",)}  # builds a format runs
-_PLANNED = {"kv4": ("kv4", "kv4w8", "kv4v3"), "fp16": ("fp16",)}  # builds the planner picks from
+# builds a cache format runs ("kv4p": paged, "kv4": contiguous) and those the planner picks from
+_FAMILY = {"kv4p": ("kv4p", "kv4pw8"), "kv4": ("kv4", "kv4w8", "kv4s6", "kv4v3"),
+           "fp16": ("fp16",)}
+_PLANNED = {"kv4p": ("kv4p", "kv4pw8"), "kv4": ("kv4", "kv4w8", "kv4v3"), "fp16": ("fp16",)}
+
+
+def block_bytes(head_dim: int) -> int:
+    """Bytes of one paged block of one KV head: 16 tokens' K and V codes and param words."""
+    return BLOCK_TOKENS * (head_dim + 8)
 
 
 def check_layout(head_dim: int, kv_heads: int, capacity: int, bits: int = 4,
@@ -255,20 +283,46 @@ def _tickets(n: int, device: torch.device) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # Decode attention
 
+def decode_attention_paged(q, pool, block_table, lengths, max_len: int,
+                           softmax_scale: float | None = None, plan: SplitPlan | None = None,
+                           out: torch.Tensor | None = None,
+                           compile_options: tuple[str, ...] = ()) -> torch.Tensor:
+    """softmax(q K^T * scale) V over each sequence's first lengths[b] cached tokens, paged cache.
+
+    q [B, Hq, D] fp16; pool uint8 [num_blocks, block_bytes(D)]; block_table int32
+    [B, Hkv, max_blocks]; lengths int32 [B] on the device, max_len >= max(lengths) known on the
+    host.
+    Returns [B, Hq, D] fp16 (written into `out` if given). plan.kernel picks a build ("kv4p" or
+    "kv4pw8"); compile_options (NVRTC flags) build a tuning variant.
+    """
+    if pool.dim() != 2 or pool.dtype != torch.uint8:
+        raise ValueError(f"pool: expected uint8 [num_blocks, block bytes], got "
+                         f"{pool.dtype} {tuple(pool.shape)}")
+    D = pool.shape[1] // BLOCK_TOKENS - 8
+    if D not in HEAD_DIMS or pool.shape[1] != block_bytes(D):
+        raise ValueError(f"pool: block of {pool.shape[1]} bytes; allowed "
+                         f"{[block_bytes(d) for d in HEAD_DIMS]} (head_dim {HEAD_DIMS})")
+    if block_table.dim() != 3 or block_table.dtype != torch.int32:
+        raise ValueError(f"block_table: expected int32 [batch, kv_heads, max_blocks], got "
+                         f"{block_table.dtype} {tuple(block_table.shape)}")
+    B, Hkv, max_blocks = block_table.shape
+    return _decode("kv4p", q, (pool, block_table), lengths, max_len, B, Hkv,
+                   max_blocks * BLOCK_TOKENS, max_blocks, D, softmax_scale, plan, out,
+                   tuple(compile_options))
+
+
 def decode_attention_kv4(q, k_codes, k_params, v_codes, v_params, lengths, max_len: int,
                          softmax_scale: float | None = None, plan: SplitPlan | None = None,
                          out: torch.Tensor | None = None,
                          compile_options: tuple[str, ...] = ()) -> torch.Tensor:
-    """softmax(q K^T * scale) V over each sequence's first lengths[b] cached tokens, 4-bit cache.
+    """The same attention over rounds 1-3's contiguous layout (the comparison; see to_contiguous).
 
-    q [B, Hq, D] fp16; k_codes/v_codes uint8 [B, Hkv, cap, D/2]; k_params/v_params int32
-    [B, Hkv, cap]; lengths int32 [B] on the device, max_len >= max(lengths) known on the host.
-    Returns [B, Hq, D] fp16 (written into `out` if given). plan.kernel picks a build ("kv4",
-    "kv4w8", or round 1's "kv4v3"); compile_options (NVRTC flags) build a tuning variant.
+    k_codes/v_codes uint8 [B, Hkv, cap, D/2]; k_params/v_params int32 [B, Hkv, cap]. plan.kernel
+    picks a build ("kv4", "kv4w8", "kv4s6", or round 1's "kv4v3").
     """
     B, Hkv, cap, half_d = k_codes.shape
-    return _decode("kv4", q, k_codes, k_params, v_codes, v_params, lengths, max_len, B, Hkv, cap,
-                   2 * half_d, softmax_scale, plan, out, tuple(compile_options))
+    return _decode("kv4", q, (k_codes, k_params, v_codes, v_params), lengths, max_len, B, Hkv,
+                   cap, cap, 2 * half_d, softmax_scale, plan, out, tuple(compile_options))
 
 
 def decode_attention_fp16(q, k, v, lengths, max_len: int, softmax_scale: float | None = None,
@@ -276,12 +330,14 @@ def decode_attention_fp16(q, k, v, lengths, max_len: int, softmax_scale: float |
                           out: torch.Tensor | None = None) -> torch.Tensor:
     """The same kernel reading an FP16 cache k, v [B, Hkv, cap, D] (the comparison point)."""
     B, Hkv, cap, D = k.shape
-    return _decode("fp16", q, k, None, v, None, lengths, max_len, B, Hkv, cap, D, softmax_scale,
-                   plan, out, ())
+    return _decode("fp16", q, (k, None, v, None), lengths, max_len, B, Hkv, cap, cap, D,
+                   softmax_scale, plan, out, ())
 
 
-def _decode(family, q, k, kp, v, vp, lengths, max_len, B, Hkv, cap, D, softmax_scale, plan, out,
-            options):
+def _decode(family, q, sources, lengths, max_len, B, Hkv, cap, extent, D, softmax_scale, plan,
+            out, options):
+    """sources: the cache tensors the kernel takes before `lengths` (None: a null pointer);
+    cap: tokens a sequence can hold; extent: the kernel's size argument (capacity or blocks)."""
     require_kernel_backend()
     check_layout(D, Hkv, cap)
     if q.dim() != 3 or q.shape[0] != B or q.shape[2] != D or q.dtype != torch.float16:
@@ -312,12 +368,10 @@ def _decode(family, q, k, kp, v, vp, lengths, max_len, B, Hkv, cap, D, softmax_s
         part_o = part_lse = out  # never touched with one split
     tickets = _tickets(B * Hkv * head_blocks, device)
     q = q.contiguous()
-    null = np.uint64(0)
-    args = (_ptr(q), _ptr(k), _ptr(kp) if kp is not None else null, _ptr(v),
-            _ptr(vp) if vp is not None else null, _ptr(lengths), np.int32(Hkv), np.int32(group),
-            np.int32(head_blocks), np.int32(cap), np.int32(plan.chunk), np.int32(plan.splits),
-            np.float32(scale * math.log2(math.e)), _ptr(out), _ptr(part_o), _ptr(part_lse),
-            _ptr(tickets))
+    args = (_ptr(q),) + tuple(_ptr(t) if t is not None else np.uint64(0) for t in sources) + (
+        _ptr(lengths), np.int32(Hkv), np.int32(group), np.int32(head_blocks), np.int32(extent),
+        np.int32(plan.chunk), np.int32(plan.splits), np.float32(scale * math.log2(math.e)),
+        _ptr(out), _ptr(part_o), _ptr(part_lse), _ptr(tickets))
     _launch(_decode_kernel(fmt, D, options), (plan.splits, Hkv * head_blocks, B),
             (BUILDS[fmt].warps * 32, 1, 1), args, _smem_bytes(fmt, D))
     return out
@@ -327,57 +381,73 @@ def _decode(family, q, k, kp, v, vp, lengths, max_len, B, Hkv, cap, D, softmax_s
 # The cache object
 
 class QuantizedKVCache:
-    """One layer's 4-bit KV cache for a batch of sequences (per-sequence contiguous rows)."""
+    """One layer's paged 4-bit KV cache for a batch of sequences (see the module docstring).
+
+    capacity: tokens one sequence may hold (a multiple of 16); num_blocks: blocks in the shared
+    pool (default batch * capacity / 16, enough for every sequence at full capacity; fewer
+    makes the sequences share the pool, and an append that finds it empty is refused).
+    """
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, bits: int = 4,
-                 group_size: int = 0, clip: float = 1.0, device=None):
+                 group_size: int = 0, clip: float = 1.0, device=None,
+                 num_blocks: int | None = None):
+        """num_blocks counts blocks of one KV head (default batch * kv_heads * capacity / 16)."""
         check_layout(head_dim, kv_heads, capacity, bits, group_size)
         if not 0.0 < clip <= 1.0:
             raise ValueError(f"kv_clip={clip}: clip ratio must lie in (0, 1]")
         if batch < 1:
             raise ValueError(f"batch={batch}: must be >= 1")
-        require_kernel_backend()
+        self.max_blocks = capacity // BLOCK_TOKENS
+        num_blocks = batch * kv_heads * self.max_blocks if num_blocks is None else int(num_blocks)
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks={num_blocks}: must be >= 1")
         device = torch.device(device if device is not None else "cuda")
         self.batch, self.kv_heads, self.head_dim, self.capacity = batch, kv_heads, head_dim, capacity
         self.bits, self.clip = bits, clip
-        shape = (batch, kv_heads, capacity)
-        self.k_codes = torch.zeros(shape + (head_dim // 2,), dtype=torch.uint8, device=device)
-        self.v_codes = torch.zeros_like(self.k_codes)
-        self.k_params = torch.zeros(shape, dtype=torch.int32, device=device)
-        self.v_params = torch.zeros_like(self.k_params)
+        self.pool = torch.zeros(num_blocks, block_bytes(head_dim), dtype=torch.uint8,
+                                device=device)
+        # unused entries point at block 0: valid to read, masked by the length
+        self.block_table = torch.zeros(batch, kv_heads, self.max_blocks, dtype=torch.int32,
+                                       device=device)
+        self.host_table = np.zeros((batch, kv_heads, self.max_blocks), dtype=np.int32)
+        self.blocks_held = np.zeros(batch, dtype=np.int64)  # blocks of each of its KV heads
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out ascending ids
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
         self.host_lengths = np.zeros(batch, dtype=np.int64)
 
     @property
     def device(self) -> torch.device:
-        return self.k_codes.device
+        return self.pool.device
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.shape[0]
+
+    def free_blocks(self) -> int:
+        return len(self._free)
 
     def bytes_per_token(self) -> int:
-        """K + V bytes of one cached token over all KV heads (codes, scales, zeros)."""
+        """K + V bytes of one cached token over all KV heads (codes, scales, zeros); a block has
+        no padding, so this is also the pool's bytes per token slot."""
         return kv_bytes_per_token(self.head_dim, self.kv_heads, self.bits)
 
     def reset(self) -> None:
-        self.lengths.zero_()
-        self.host_lengths[:] = 0
+        for b in range(self.batch):
+            self.release(b)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, counts=None) -> None:
-        """Quantize and append new tokens: k, v [B, Hkv, D] (one token) or [B, Hkv, T, D].
+    def release(self, b: int) -> None:
+        """Empty sequence b and give its blocks back to the pool."""
+        held = int(self.blocks_held[b])
+        self._free.extend(int(i) for i in self.host_table[b, :, :held].reshape(-1)[::-1])
+        self.host_table[b] = 0
+        self.blocks_held[b] = 0
+        self.block_table[b].zero_()
+        self.lengths[b] = 0
+        self.host_lengths[b] = 0
 
-        counts: tokens of each sequence to take (a length-B sequence of ints <= T; default T),
-        so a padded ragged prefill appends only each sequence's real tokens.
-        """
-        if k.dim() == 3:
-            k, v = k.unsqueeze(2), v.unsqueeze(2)
-        expect = (self.batch, self.kv_heads)
-        for name, t in (("k", k), ("v", v)):
-            if t.dim() != 4 or tuple(t.shape[:2]) != expect or t.shape[3] != self.head_dim:
-                raise ValueError(f"{name}: expected [batch={self.batch}, kv_heads={self.kv_heads}, "
-                                 f"T, head_dim={self.head_dim}], got {tuple(t.shape)}")
-            if t.dtype != torch.float16:
-                raise ValueError(f"{name}: expected float16, got {t.dtype}")
-        if k.shape != v.shape:
-            raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape")
-        T = k.shape[2]
+    def _reserve(self, T: int, counts) -> np.ndarray:
+        """Check counts (tokens per sequence, default T) against the capacity and allocate the
+        blocks they need; returns them as int64 [batch]."""
         host_counts = np.full(self.batch, T, dtype=np.int64) if counts is None else \
             np.asarray(counts, dtype=np.int64).reshape(-1)
         if host_counts.shape != (self.batch,) or (host_counts < 0).any() or (host_counts > T).any():
@@ -387,38 +457,169 @@ class QuantizedKVCache:
             b = int(np.argmax(new_lengths > self.capacity))
             raise ValueError(f"append of {int(host_counts[b])} tokens to sequence {b} of length "
                              f"{int(self.host_lengths[b])} exceeds capacity={self.capacity}")
+        need = -(-new_lengths // BLOCK_TOKENS) - self.blocks_held  # per KV head
+        if need.sum() * self.kv_heads > len(self._free):
+            raise ValueError(f"num_blocks={self.num_blocks}: the pool has {len(self._free)} free "
+                             f"blocks, this append needs {int(need.sum()) * self.kv_heads}; "
+                             f"release sequences or build the cache with more blocks")
+        if need.any():
+            for b in np.flatnonzero(need):
+                held = int(self.blocks_held[b])
+                for h in range(self.kv_heads):
+                    for i in range(held, held + int(need[b])):
+                        self.host_table[b, h, i] = self._free.pop()
+                self.blocks_held[b] = held + int(need[b])
+            self.block_table.copy_(torch.from_numpy(self.host_table))
+        return host_counts
+
+    def _check_new(self, k, v, dtype, width, what):
+        expect = (self.batch, self.kv_heads)
+        for name, t in (("k", k), ("v", v)):
+            if t.dim() != 4 or tuple(t.shape[:2]) != expect or t.shape[3] != width:
+                raise ValueError(f"{name}: expected [batch={self.batch}, kv_heads={self.kv_heads}, "
+                                 f"T, {what}], got {tuple(t.shape)}")
+            if t.dtype != dtype:
+                raise ValueError(f"{name}: expected {dtype}, got {t.dtype}")
+        if k.shape != v.shape:
+            raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape")
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, counts=None) -> None:
+        """Quantize and append new tokens: k, v [B, Hkv, D] (one token) or [B, Hkv, T, D].
+
+        counts: tokens of each sequence to take (a length-B sequence of ints <= T; default T),
+        so a padded ragged prefill appends only each sequence's real tokens.
+        """
+        require_kernel_backend()
+        if k.dim() == 3:
+            k, v = k.unsqueeze(2), v.unsqueeze(2)
+        self._check_new(k, v, torch.float16, self.head_dim, f"head_dim={self.head_dim}")
+        T = k.shape[2]
+        host_counts = self._reserve(T, counts)
         dev_counts = _const_counts(T, self.batch, self.device) if counts is None else \
             torch.as_tensor(host_counts, dtype=torch.int32).to(self.device, non_blocking=True)
         k, v = k.contiguous(), v.contiguous()
         rows = self.batch * self.kv_heads * T
         kernel = get_kernel("kv_quant_append", f"kv_quant_append_d{self.head_dim}")
-        args = (_ptr(k), _ptr(v), _ptr(dev_counts), _ptr(self.lengths), _ptr(self.k_codes),
-                _ptr(self.k_params), _ptr(self.v_codes), _ptr(self.v_params),
-                np.int32(self.batch), np.int32(self.kv_heads), np.int32(T),
-                np.int32(self.capacity), np.int32(2**self.bits - 1), np.float32(self.clip))
+        args = (_ptr(k), _ptr(v), _ptr(dev_counts), _ptr(self.lengths), _ptr(self.block_table),
+                _ptr(self.pool), np.int32(self.batch), np.int32(self.kv_heads), np.int32(T),
+                np.int32(self.max_blocks), np.int32(2**self.bits - 1), np.float32(self.clip))
         _launch(kernel, (-(-rows // APPEND_WARPS), 2, 1), (APPEND_WARPS * 32, 1, 1), args)
         self.lengths += dev_counts
-        self.host_lengths = new_lengths
+        self.host_lengths += host_counts
+
+    def append_quantized(self, k: KVQuantized, v: KVQuantized, counts=None) -> None:
+        """Append tokens already encoded (formats.encode_kv of [B, Hkv, T, D]): codes
+        [B, Hkv, T, D/2], scales and zeros [B, Hkv, T, 1]; no kernel, any device."""
+        for name, t in (("k", k), ("v", v)):
+            if t.bits != self.bits or t.group_size not in (0, self.head_dim):
+                raise ValueError(f"{name}: bits={t.bits}, group_size={t.group_size}; this cache "
+                                 f"holds bits={self.bits}, one group per head")
+        self._check_new(k.codes, v.codes, torch.uint8, self.head_dim // 2,
+                        f"head_dim/2={self.head_dim // 2}")
+        T = k.codes.shape[2]
+        host_counts = self._reserve(T, counts)
+        regions = _block_regions(self.pool, self.head_dim)
+        for b in np.flatnonzero(host_counts):
+            n, start = int(host_counts[b]), int(self.host_lengths[b])
+            pos = np.arange(start, start + n)
+            blk = torch.as_tensor(self.host_table[b][:, pos // BLOCK_TOKENS], dtype=torch.long,
+                                  device=self.device)  # [Hkv, n]
+            slot = torch.as_tensor(pos % BLOCK_TOKENS, dtype=torch.long, device=self.device)
+            for t, codes, params in ((k, regions[0], regions[2]), (v, regions[1], regions[3])):
+                codes[blk, slot] = t.codes[b, :, :n].to(self.device)
+                params[blk, slot] = _param_words(t.scales[b, :, :n], t.zeros[b, :, :n]
+                                                 ).to(self.device)
+        self.lengths += torch.as_tensor(host_counts, dtype=torch.int32).to(self.device)
+        self.host_lengths += host_counts
+
+    def poison_unused(self, generator: torch.Generator | None = None) -> None:
+        """For tests: random codes and NaN scales/zeros in every token slot past each length (the
+        rest of each last block, and one spare block that every unused table entry is pointed
+        at), which the kernels read ahead but must never let into a result."""
+        nan_word = 0x7E007E00  # fp16 NaN in both halves (a positive int32)
+        spare = self._free.pop() if self._free else None
+        if spare is None:
+            raise ValueError(f"num_blocks={self.num_blocks}: poison_unused needs one free block")
+        unused = np.arange(self.max_blocks) >= self.blocks_held[:, None, None]
+        self.host_table[np.broadcast_to(unused, self.host_table.shape)] = spare
+        self.block_table.copy_(torch.from_numpy(self.host_table))
+        self._free.append(spare)  # the table keeps pointing at it; unused entries may
+        k_codes, v_codes, k_params, v_params = _block_regions(self.pool, self.head_dim)
+        slots = [(spare, 0)] + [(int(self.host_table[b, h, n // BLOCK_TOKENS]), n % BLOCK_TOKENS)
+                                for b, n in enumerate(self.host_lengths.tolist())
+                                for h in range(self.kv_heads) if n % BLOCK_TOKENS]
+        for block, first in slots:
+            for codes in (k_codes, v_codes):
+                shape = codes[block, first:].shape
+                codes[block, first:] = torch.randint(
+                    0, 256, shape, dtype=torch.uint8, generator=generator,
+                    device=generator.device if generator is not None else "cpu").to(self.device)
+            k_params[block, first:] = nan_word
+            v_params[block, first:] = nan_word
 
     def attend(self, q: torch.Tensor, softmax_scale: float | None = None,
                plan: SplitPlan | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Decode attention of q [B, Hq, D] fp16 over the cached tokens -> [B, Hq, D] fp16."""
-        return decode_attention_kv4(q, self.k_codes, self.k_params, self.v_codes, self.v_params,
-                                    self.lengths, int(self.host_lengths.max()), softmax_scale,
-                                    plan, out)
+        return decode_attention_paged(q, self.pool, self.block_table, self.lengths,
+                                      int(self.host_lengths.max()), softmax_scale, plan, out)
 
     def k_quantized(self, b: int) -> KVQuantized:
-        return self._quantized(self.k_codes, self.k_params, b)
+        """Sequence b's cached keys as formats.KVQuantized ([Hkv, length, ...])."""
+        return self._quantized(b, 0)
 
     def v_quantized(self, b: int) -> KVQuantized:
-        return self._quantized(self.v_codes, self.v_params, b)
+        return self._quantized(b, 1)
 
-    def _quantized(self, codes, params, b) -> KVQuantized:
-        """Sequence b's cached rows as formats.KVQuantized ([Hkv, length, ...])."""
+    def _quantized(self, b: int, which: int) -> KVQuantized:
         n = int(self.host_lengths[b])
-        halves = params[b, :, :n].contiguous().view(torch.float16).view(self.kv_heads, n, 2)
-        return KVQuantized(codes[b, :, :n], halves[..., :1].contiguous(),
-                           halves[..., 1:].contiguous(), self.bits, 0)
+        blocks = torch.as_tensor(self.host_table[b, :, :-(-n // BLOCK_TOKENS)], dtype=torch.long,
+                                 device=self.device)
+        regions = _block_regions(self.pool[blocks], self.head_dim)
+        codes, params = regions[which], regions[2 + which]  # [Hkv, nb, 16, ...]
+        codes = codes.reshape(self.kv_heads, -1, self.head_dim // 2)[:, :n]
+        params = params.reshape(self.kv_heads, -1)[:, :n]
+        return _kv_quantized(codes.contiguous(), params, self.bits)
+
+
+def _block_regions(blocks: torch.Tensor, head_dim: int):
+    """Views of blocks uint8 [..., block_bytes]: K codes, V codes [..., 16, D/2] and K params,
+    V params int32 [..., 16] (writable: they share the blocks' storage)."""
+    half, t = head_dim // 2, BLOCK_TOKENS
+    shape = blocks.shape[:-1]
+    k_codes = blocks[..., :t * half].unflatten(-1, (t, half))
+    v_codes = blocks[..., t * half:2 * t * half].unflatten(-1, (t, half))
+    k_params = blocks[..., 2 * t * half:2 * t * half + 4 * t].view(torch.int32)
+    v_params = blocks[..., 2 * t * half + 4 * t:].view(torch.int32)
+    assert k_params.shape == shape + (t,) and v_params.shape == shape + (t,)
+    return k_codes, v_codes, k_params, v_params
+
+
+def _param_words(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """fp16 scales, zeros [..., 1] -> int32 words [...]: scale in the low half, zero in the high."""
+    halves = torch.cat([scales.to(torch.float16), zeros.to(torch.float16)], dim=-1).contiguous()
+    return halves.view(torch.int32).squeeze(-1)
+
+
+def _kv_quantized(codes: torch.Tensor, params: torch.Tensor, bits: int) -> KVQuantized:
+    """codes [..., n, D/2] and int32 param words [..., n] -> formats.KVQuantized."""
+    halves = params.contiguous().view(torch.float16).unflatten(-1, (-1, 2))
+    return KVQuantized(codes, halves[..., :1].contiguous(), halves[..., 1:].contiguous(), bits, 0)
+
+
+def to_contiguous(cache: QuantizedKVCache):
+    """The cache in rounds 1-3's contiguous layout for decode_attention_kv4: k_codes, k_params,
+    v_codes, v_params ([B, Hkv, capacity, D/2] uint8 and [B, Hkv, capacity] int32); token
+    slots past a sequence's blocks hold block 0's bytes (masked by the length)."""
+    B, H, D, cap = cache.batch, cache.kv_heads, cache.head_dim, cache.capacity
+    k_codes = torch.empty(B, H, cap, D // 2, dtype=torch.uint8, device=cache.device)
+    v_codes = torch.empty_like(k_codes)
+    k_params = torch.empty(B, H, cap, dtype=torch.int32, device=cache.device)
+    v_params = torch.empty_like(k_params)
+    for b in range(B):  # one sequence at a time: no second copy of the whole pool
+        regions = _block_regions(cache.pool[cache.block_table[b].long()], D)  # [H, nb, 16, ..]
+        for dst, src in zip((k_codes, v_codes, k_params, v_params), regions):
+            dst[b] = src.reshape(dst[b].shape)
+    return k_codes, k_params, v_codes, v_params
 
 
 @functools.lru_cache(maxsize=64)

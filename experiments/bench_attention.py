@@ -4,15 +4,17 @@
   python experiments/bench_attention.py --plot CSV       # anywhere: the PNG from a results CSV
   python experiments/bench_attention.py --ablate --out DIR   # kernel variants x key rows (GPU)
   python experiments/bench_attention.py --trace --out DIR    # per-CTA timelines of key rows (GPU)
-  python experiments/bench_attention.py --single gqa_32q_8kv 16 2048 kv4w8 1   # a few calls of one
+  python experiments/bench_attention.py --single gqa_32q_8kv 16 2048 kv4p 1   # a few calls of one
         row and build (split-K partitions S, 0 = planned), e.g. under ncu
 
 Variants timed side by side in the same process on the same data:
-  kv4   our kernel on the 4-bit cache (codes + fp16 scale/zero per token per head): the
-        planner's pick of build (round 3's with 4 or 8 warps a CTA, or round 1's) and split-K
-        partitions; kv4_best: the fastest of a sweep over partition counts and the three builds
-        (a check of the planner's model)
-  v3    round 1's 4-bit kernel (heads on the mma M dimension) alone, planned the same way
+  kv4   our kernel on the paged 4-bit cache (round 4: blocks of 16 tokens of one KV head, one
+        contiguous run of codes + fp16 scale/zero, through a block table): the planner's pick of
+        build (4 or 8 warps a CTA) and split-K partitions; kv4_best: the fastest of a sweep over
+        partition counts and both builds (a check of the planner's model)
+  old   the same cache in rounds 1-3's contiguous layout (codes and params of K and V in four
+        separate arrays), round 3's planner over its builds (round 3's kernel with 4 or 8 warps,
+        round 1's kernel)
   fp16  round 1's kernel body reading the FP16 cache
   sdpa  torch scaled_dot_product_attention on the FP16 cache [B, Hkv, L, D] (enable_gqa for GQA)
 All sequences of a row have the same length L (the SDPA baseline then needs no mask, its fastest
@@ -24,11 +26,9 @@ device-to-device copy measured in the same run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -50,49 +50,44 @@ CONTEXTS = [512, 2048, 8192]
 ROTATE_BYTES = 200e6  # > 2 x the 50 MB L2 for the smallest of the variants' working sets
 TOL = 2e-3
 SWEEP_SPLITS = (1, 2, 4, 8, 16)
-SWEEP_BUILDS = ("kv4", "kv4w8", "kv4v3")
-CHECK_BUILDS = ("kv4", "kv4w8", "kv4s6", "kv4v3")
-# Ablation: (label, build, NVRTC options, kernels folder or None, diagnostic, splits or None),
-# timed side by side on key rows (the target rows, a bandwidth-bound one, a lone-CTA one and a
-# tiny one that shows the fixed cost of a call). A kernels folder times another version of
-# decode_attention.cu (e.g. the previous round's, copied there); diagnostic variants compute
-# something else than attention (no correctness gate). splits None: the row's own list.
-SUBSET = ("-DBUILD_ROUND1=0", "-DBUILD_D64=0")  # faster compiles: the D=128 round-2 builds only
-# round 2's decode_attention.cu, for a side-by-side baseline (variants skipped without it):
-#   mkdir -p .att_r2 && git show bb9e981:kernels/decode_attention.cu > .att_r2/decode_attention.cu
-PREVIOUS = ".att_r2"
+PAGED_BUILDS = kk._FAMILY["kv4p"]
+CHECK_BUILDS = PAGED_BUILDS + kk._FAMILY["kv4"]
+# Ablation: (label, cache, build, NVRTC options, check, splits or None), timed side by side on
+# key rows (the target rows, a bandwidth-bound one, a lone-CTA one and a tiny one that shows the
+# fixed cost of a call). cache: "paged" (as appended: an identity block table here), "shuffled"
+# (the same blocks at random places in the pool), "old" (the contiguous layout). check: "ragged"
+# (checked on ragged lengths and the row's data), "row" (the row's data only: right for an
+# identity table alone), "diag" (computes something else: no correctness gate). splits None:
+# the row's own list.
+SUBSET = ("-DBUILD_ROUND1=0", "-DBUILD_D64=0")  # faster compiles: fewer builds
+PAGED_ONLY = SUBSET + ("-DBUILD_OLD=0",)
 ABLATIONS = [
-    ("round 2 kv4", "kv4", ("-DTAG_R2=1",), PREVIOUS, False, None),
-    ("round 2 kv4w8", "kv4w8", ("-DTAG_R2=1",), PREVIOUS, False, None),
-    ("v3 (round 1)", "kv4v3", (), None, False, None),
-    ("kv4 (round 3: pipelined, L2 128B hint)", "kv4", (), None, False, None),
-    ("kv4w8 (round 3)", "kv4w8", (), None, False, None),
-    ("kv4 one tile at a time", "kv4", ("-DKV4M_PIPE=0",) + SUBSET, None, False, None),
-    ("kv4 no L2 hint", "kv4", ("-DKV4M_PF=0",) + SUBSET, None, False, None),
-    ("kv4w8 no L2 hint", "kv4w8", ("-DKV4M_PF=0",) + SUBSET, None, False, None),
-    ("kv4 L2 256B hint on params", "kv4", ("-DKV4M_PF_PARAMS=256",) + SUBSET, None, False, None),
-    ("kv4 3-stage rings", "kv4", ("-DKV4M_NST=3",) + SUBSET, None, False, None),
-    ("kv4w8 3-stage rings", "kv4w8", ("-DKV4M_NST=3",) + SUBSET, None, False, None),
-    ("diag: kv4 copies only", "kv4", ("-DKV4M_LOAD_ONLY=1",) + SUBSET, None, True, (1,)),
-    ("diag: kv4 copies only, no params", "kv4", ("-DKV4M_LOAD_ONLY=1", "-DKV4M_NO_PARAMS=1") +
-     SUBSET, None, True, (1,)),
-    ("diag: kv4 copies only, blocked layout", "kv4", ("-DKV4M_LOAD_ONLY=2",) + SUBSET, None,
-     True, (1,)),
-    ("diag: empty kernel", "kv4", ("-DKV4M_EMPTY=1",) + SUBSET, None, True, (1,)),
+    ("contiguous kv4 (round 3)", "old", "kv4", (), "ragged", None),
+    ("contiguous kv4w8 (round 3)", "old", "kv4w8", (), "ragged", None),
+    ("contiguous kv4v3 (round 1)", "old", "kv4v3", (), "ragged", None),
+    ("paged kv4p", "paged", "kv4p", (), "ragged", None),
+    ("paged kv4pw8", "paged", "kv4pw8", (), "ragged", None),
+    ("paged kv4p, shuffled blocks", "shuffled", "kv4p", (), "ragged", None),
+    ("kv4p without the table (direct addresses)", "paged", "kv4p", ("-DKV4P_DIRECT=1",) +
+     PAGED_ONLY, "row", None),
+    ("kv4p 3-stage rings", "paged", "kv4p", ("-DKV4M_NST=3",) + PAGED_ONLY, "ragged", None),
+    ("kv4p L2 256B hint", "paged", "kv4p", ("-DKV4M_PF=256",) + PAGED_ONLY, "ragged", None),
+    ("diag: kv4p copies only", "paged", "kv4p", ("-DKV4M_LOAD_ONLY=1",) + PAGED_ONLY, "diag",
+     (1,)),
+    ("diag: contiguous kv4 copies only", "old", "kv4", ("-DKV4M_LOAD_ONLY=1",) + SUBSET, "diag",
+     (1,)),
 ]
 # (config, batch, context, split-K partition counts)
-ABLATION_ROWS = [("llama7b_mha", 16, 2048, (1, 2)), ("gqa_32q_8kv", 64, 2048, (1, 2)),
-                 ("gqa_32q_8kv", 16, 8192, (1, 2, 4)), ("gqa_32q_8kv", 16, 2048, (1, 2)),
-                 ("llama7b_mha", 256, 2048, (1,)), ("gqa_32q_8kv", 16, 64, (1,)),
-                 ("gqa_32q_8kv", 1, 8192, (1, 8, 16))]
-# Timelines (-DKV4M_TRACE=1): (config, batch, context, build, splits, extra options)
-TRACES = [("llama7b_mha", 16, 2048, "kv4", 1, ()), ("llama7b_mha", 16, 2048, "kv4w8", 1, ()),
-          ("llama7b_mha", 16, 2048, "kv4v3", 1, ()),
-          ("llama7b_mha", 16, 2048, "kv4", 1, ("-DKV4M_PIPE=0",) + SUBSET),
-          ("llama7b_mha", 16, 2048, "kv4", 1, ("-DKV4M_LOAD_ONLY=1",) + SUBSET),
-          ("gqa_32q_8kv", 16, 8192, "kv4", 1, ()), ("gqa_32q_8kv", 16, 8192, "kv4", 4, ()),
-          ("gqa_32q_8kv", 16, 2048, "kv4", 1, ()), ("llama7b_mha", 256, 2048, "kv4", 1, ()),
-          ("llama7b_mha", 256, 2048, "kv4v3", 1, ())]
+ABLATION_ROWS = [("llama7b_mha", 16, 2048, (1,)), ("gqa_32q_8kv", 64, 2048, (1,)),
+                 ("gqa_32q_8kv", 16, 8192, (1, 2)), ("gqa_32q_8kv", 64, 8192, (1,)),
+                 ("gqa_32q_8kv", 16, 2048, (1,)), ("llama7b_mha", 256, 2048, (1,)),
+                 ("gqa_32q_8kv", 16, 64, (1,))]
+# Timelines (-DKV4M_TRACE=1): (config, batch, context, cache, build, splits, extra options)
+TRACES = [("llama7b_mha", 16, 2048, "paged", "kv4p", 1, ()),
+          ("llama7b_mha", 16, 2048, "paged", "kv4pw8", 1, ()),
+          ("llama7b_mha", 16, 2048, "old", "kv4w8", 1, ()),
+          ("gqa_32q_8kv", 16, 8192, "paged", "kv4p", 1, ()),
+          ("gqa_32q_8kv", 64, 8192, "paged", "kv4p", 1, ())]
 
 
 def log(msg: str) -> None:
@@ -174,6 +169,37 @@ def time_calls(fns, target_ms: float = 20.0, replays: int = 7) -> tuple[float, s
 
 
 # ------------------------------------------------------------------------------------------------
+# The cache layouts a variant reads (a "set" is a dict: q, cache, and what else a row needs)
+
+def shuffle_blocks(cache, gen=None):
+    """The cache's blocks moved to random places of a new pool, and the table that finds them."""
+    perm = torch.randperm(cache.num_blocks, device=cache.device, generator=gen)
+    pool = torch.empty_like(cache.pool)
+    pool[perm] = cache.pool
+    return pool, perm[cache.block_table.long()].int()
+
+
+def layout_args(s: dict, layout: str) -> tuple:
+    """The tensors the decode function of `layout` takes before the lengths (made once a set)."""
+    c = s["cache"]
+    if layout == "paged":
+        return c.pool, c.block_table
+    if layout not in s:
+        s[layout] = shuffle_blocks(c) if layout == "shuffled" else kk.to_contiguous(c)
+    return s[layout]
+
+
+def decode(s: dict, layout: str, max_len: int, plan, out, opts: tuple = ()):
+    fn = kk.decode_attention_kv4 if layout == "old" else kk.decode_attention_paged
+    return fn(s["q"], *layout_args(s, layout), s["cache"].lengths, max_len, plan=plan, out=out,
+              compile_options=opts)
+
+
+def layout_of(build: str) -> str:
+    return "paged" if build in PAGED_BUILDS else "old"
+
+
+# ------------------------------------------------------------------------------------------------
 # Correctness (fresh random inputs, ragged lengths, poisoned outputs)
 
 def same_encoding(cache, which, rows, b, clip) -> bool:
@@ -204,23 +230,26 @@ def check_correctness() -> list[dict]:
                               for b, n in enumerate(lengths) for which, src in (("k", k), ("v", v)))
             ref4 = kk.reference_decode_attention(q, k, v, lengths, clip=0.95)
             ref16 = kk.reference_decode_attention(q, k, v, lengths, quantized=False)
-            dev_len = cache.lengths
+            s = dict(q=q, cache=cache)
+            s["shuffled"] = shuffle_blocks(cache, gen)
             for chunk in (None, 64, 4160):
                 plan = None if chunk is None else kk.SplitPlan(-(-max(lengths) // chunk), chunk)
                 rec = dict(head_dim=D, kv_heads=kv_heads, group=group, chunk=chunk or "plan",
                            append_exact=exact_codes)
                 out = torch.full_like(q, float("nan"))
                 cache.attend(q, plan=plan, out=out)  # planned build
-                rec["kv4_err"] = poisoned_err(out, ref4)
+                rec["planned_err"] = poisoned_err(out, ref4)
                 for build in CHECK_BUILDS:  # each build, planned splits or this row's
                     p = kk.SplitPlan(plan.splits, plan.chunk, build) if plan else \
                         kk.SplitPlan(3, 1408, build)
-                    out = torch.full_like(q, float("nan"))
-                    kk.decode_attention_kv4(q, cache.k_codes, cache.k_params, cache.v_codes,
-                                            cache.v_params, dev_len, max(lengths), plan=p, out=out)
-                    rec[f"{build}_err"] = poisoned_err(out, ref4)
+                    for layout in ((layout_of(build), "shuffled") if build in PAGED_BUILDS
+                                   else ("old",)):
+                        out = torch.full_like(q, float("nan"))
+                        decode(s, layout, max(lengths), p, out)
+                        name = build + ("_shuffled" if layout == "shuffled" else "")
+                        rec[f"{name}_err"] = poisoned_err(out, ref4)
                 out = torch.full_like(q, float("nan"))
-                kk.decode_attention_fp16(q, k, v, dev_len, max(lengths), plan=plan, out=out)
+                kk.decode_attention_fp16(q, k, v, cache.lengths, max(lengths), plan=plan, out=out)
                 rec["fp16_err"] = poisoned_err(out, ref16)
                 errs = [v_ for k_, v_ in rec.items() if k_.endswith("_err")]
                 rec["ok"] = exact_codes and max(errs) < TOL
@@ -248,7 +277,7 @@ def bench_row(name, Hq, Hkv, B, L, bw, D=HEAD_DIM) -> dict | None:
     cache_kv4 = B * Hkv * L * (D // 2 + 4) * 2
     free, _ = torch.cuda.mem_get_info()
     nsets = max(1, min(256, math.ceil(ROTATE_BYTES / cache_kv4)))
-    need = nsets * (cache_fp16 + cache_kv4) * 1.05 + cache_fp16 * 0.1
+    need = nsets * (cache_fp16 + 2 * cache_kv4) * 1.05 + cache_fp16 * 0.1  # paged + contiguous
     if need > free * 0.9:
         log(f"  skip {name} B={B} L={L}: needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free")
         return None
@@ -264,19 +293,22 @@ def bench_row(name, Hq, Hkv, B, L, bw, D=HEAD_DIM) -> dict | None:
     append_s = e0.elapsed_time(e1) / 1e3
     for s in sets[1:]:
         s["cache"].append(s["k"], s["v"])
+    for s in sets:
+        layout_args(s, "old")
     torch.cuda.synchronize()
 
     group = Hq // Hkv
     head_blocks = -(-group // kk.HEADS_PER_CTA)
-    plan4 = _plan("kv4", B * Hkv * head_blocks, L)
-    plan_v3 = _plan("kv4", B * Hkv * head_blocks, L, builds=("kv4v3",))
+    plan4 = _plan("kv4p", B * Hkv * head_blocks, L)
+    plan_old = _plan("kv4", B * Hkv * head_blocks, L)
     plan16 = _plan("fp16", B * Hkv * head_blocks, L)
     gqa = Hq != Hkv
 
     def kv4(s, plan=plan4):
-        c = s["cache"]
-        return kk.decode_attention_kv4(s["q"], c.k_codes, c.k_params, c.v_codes, c.v_params,
-                                       c.lengths, L, plan=plan, out=s["out4"])
+        return decode(s, "paged", L, plan, s["out4"])
+
+    def old(s):
+        return decode(s, "old", L, plan_old, s["out4"])
 
     def fp16(s):
         return kk.decode_attention_fp16(s["q"], s["k"], s["v"], s["cache"].lengths, L,
@@ -286,31 +318,28 @@ def bench_row(name, Hq, Hkv, B, L, bw, D=HEAD_DIM) -> dict | None:
         return F.scaled_dot_product_attention(s["q"].unsqueeze(2), s["k"], s["v"],
                                               enable_gqa=gqa).squeeze(2)
 
-    def v3(s):
-        return kv4(s, plan_v3)
-
     # Correctness on this row's data: first and last sequence against float64 references.
-    errs = dict(kv4=0.0, v3=0.0, fp16=0.0, sdpa=0.0)
+    errs = dict(kv4=0.0, old=0.0, fp16=0.0, sdpa=0.0)
     s0["out4"].fill_(float("nan"))
     s0["out16"].fill_(float("nan"))
     outs = dict(kv4=kv4(s0).clone(), fp16=fp16(s0), sdpa=sdpa(s0))
     s0["out4"].fill_(float("nan"))
-    outs["v3"] = v3(s0)
+    outs["old"] = old(s0)
     for b in sorted({0, B - 1}):
         sl = slice(b, b + 1)
         ref4 = kk.reference_decode_attention(s0["q"][sl], s0["k"][sl], s0["v"][sl], [L])
         ref16 = kk.reference_decode_attention(s0["q"][sl], s0["k"][sl], s0["v"][sl], [L],
                                               quantized=False)
-        for name_, ref in (("kv4", ref4), ("v3", ref4), ("fp16", ref16), ("sdpa", ref16)):
+        for name_, ref in (("kv4", ref4), ("old", ref4), ("fp16", ref16), ("sdpa", ref16)):
             o = outs[name_][sl]
             errs[name_] = max(errs[name_], rel(o, ref) if torch.isfinite(o).all() else math.inf)
     exact = same_encoding(s0["cache"], "v", s0["v"][B - 1], B - 1, 1.0)
 
     results = {}
-    for vname, fn in (("kv4", kv4), ("v3", v3), ("fp16", fp16), ("sdpa", sdpa)):
+    for vname, fn in (("kv4", kv4), ("old", old), ("fp16", fp16), ("sdpa", sdpa)):
         results[vname] = time_calls([lambda s=s, fn=fn: fn(s) for s in sets])
     sweep = {(plan4.kernel, plan4.splits): results["kv4"][0]}
-    for build in SWEEP_BUILDS:
+    for build in PAGED_BUILDS:
         for n in SWEEP_SPLITS:
             chunk = kk._align(-(-L // n), kk.CHUNK_ALIGN)
             p = kk.SplitPlan(-(-L // chunk), chunk, build)
@@ -324,30 +353,33 @@ def bench_row(name, Hq, Hkv, B, L, bw, D=HEAD_DIM) -> dict | None:
 
     bytes4, bytes16 = traffic(cache_kv4, plan4), traffic(cache_fp16, plan16)
     bytes_sdpa = cache_fp16 + 2 * B * Hq * D * 2
-    t4, tv3, t16, ts = (results[v][0] for v in ("kv4", "v3", "fp16", "sdpa"))
+    t4, told, t16, ts = (results[v][0] for v in ("kv4", "old", "fp16", "sdpa"))
     row = dict(
         config=name, q_heads=Hq, kv_heads=Hkv, head_dim=D, batch=B, context=L,
-        kv4_build=plan4.kernel, kv4_splits=plan4.splits, v3_splits=plan_v3.splits,
-        fp16_splits=plan16.splits, rotating_sets=nsets,
-        kv4_us=t4 * 1e6, v3_us=tv3 * 1e6, fp16_us=t16 * 1e6, sdpa_us=ts * 1e6,
+        kv4_build=plan4.kernel, kv4_splits=plan4.splits, old_build=plan_old.kernel,
+        old_splits=plan_old.splits, fp16_splits=plan16.splits, rotating_sets=nsets,
+        kv4_us=t4 * 1e6, old_us=told * 1e6, fp16_us=t16 * 1e6, sdpa_us=ts * 1e6,
         kv4_best_us=sweep[best] * 1e6, kv4_best_build=best[0], kv4_best_splits=best[1],
         sweep=" ".join(f"{b_}/{n_}:{t_ * 1e6:.1f}" for (b_, n_), t_ in sorted(sweep.items())),
-        speedup_vs_sdpa=ts / t4, speedup_vs_v3=tv3 / t4, speedup_vs_fp16_kernel=t16 / t4,
+        speedup_vs_sdpa=ts / t4, speedup_vs_old=told / t4, old_speedup_vs_sdpa=ts / told,
+        speedup_vs_fp16_kernel=t16 / t4,
         kv4_MB=bytes4 / 1e6, fp16_MB=bytes16 / 1e6,
         kv4_floor_us=bytes4 / bw * 1e6, fp16_floor_us=bytes_sdpa / bw * 1e6,
-        kv4_hbm_pct=100 * bytes4 / t4 / bw, v3_hbm_pct=100 * traffic(cache_kv4, plan_v3) / tv3 / bw,
+        kv4_hbm_pct=100 * bytes4 / t4 / bw,
+        old_hbm_pct=100 * traffic(cache_kv4, plan_old) / told / bw,
         fp16_hbm_pct=100 * bytes16 / t16 / bw, sdpa_hbm_pct=100 * bytes_sdpa / ts / bw,
-        kv4_err=errs["kv4"], v3_err=errs["v3"], fp16_err=errs["fp16"], sdpa_err=errs["sdpa"],
+        kv4_err=errs["kv4"], old_err=errs["old"], fp16_err=errs["fp16"], sdpa_err=errs["sdpa"],
         append_exact=exact,
         append_GBps=(B * Hkv * L * D * 2 * 2 + cache_kv4) / append_s / 1e9,
         timing="/".join(sorted({results[v][1] for v in results})),
         spread_pct=100 * max(results[v][2] for v in results),
     )
     log(f"  {name:12s} B={B:3d} L={L:5d}: kv4 {row['kv4_us']:8.1f} us ({row['kv4_hbm_pct']:5.1f}% HBM,"
-        f" {plan4.kernel} S={plan4.splits})  v3 {row['v3_us']:8.1f}  fp16 {row['fp16_us']:8.1f}"
+        f" {plan4.kernel} S={plan4.splits})  old {row['old_us']:8.1f} ({plan_old.kernel} "
+        f"S={plan_old.splits})  fp16 {row['fp16_us']:8.1f}"
         f"  sdpa {row['sdpa_us']:8.1f} us ({row['sdpa_hbm_pct']:5.1f}%)  x{row['speedup_vs_sdpa']:.2f}"
         f"  sweep {row['sweep']}"
-        f"  err {row['kv4_err']:.1e}/{row['v3_err']:.1e}/{row['fp16_err']:.1e}/"
+        f"  err {row['kv4_err']:.1e}/{row['old_err']:.1e}/{row['fp16_err']:.1e}/"
         f"{row['sdpa_err']:.1e}")
     del sets, outs
     torch.cuda.empty_cache()
@@ -381,14 +413,15 @@ def write_markdown(rows, checks, env, path: Path) -> None:
     lines += [f"- {k}: {v}" for k, v in env.items()]
     lines += ["", "Equal lengths per row (SDPA without a mask, its fastest path). Times: median per "
               "call inside CUDA graphs, rotating inputs larger than L2. HBM % = bytes moved / time "
-              "/ copy bandwidth. kv4: the planner's build and split-K partitions S (kv4 / kv4w8: "
-              "round-3 kernel with 4 / 8 warps a CTA; kv4v3: round 1's kernel); v3: round 1's "
-              "kernel alone. Sweep: S in 1..16 for the three builds, a check of the planner's "
+              "/ copy bandwidth. kv4: the paged cache (round 4), the planner's build and split-K "
+              "partitions S (kv4p / kv4pw8: 4 / 8 warps a CTA). old: the same cache in rounds "
+              "1-3's contiguous layout, round 3's planner (kv4 / kv4w8: round-3 kernel, kv4v3: "
+              "round 1's). Sweep: S in 1..16 for both paged builds, a check of the planner's "
               "cost model.", ""]
-    lines.append("| config | batch | context | kv4 us | v3 us | fp16 kernel us | SDPA us | x SDPA | "
-                 "x v3 | kv4 HBM % | v3 HBM % | SDPA HBM % | kv4 floor us | build, S | kv4 err | "
-                 "sweep best us (build, S) | target |")
-    lines.append("|" + "---|" * 17)
+    lines.append("| config | batch | context | kv4 us | old us | fp16 kernel us | SDPA us | x SDPA | "
+                 "x old | old x SDPA | kv4 HBM % | old HBM % | SDPA HBM % | kv4 floor us | "
+                 "build, S | old build, S | kv4 err | sweep best us (build, S) | target |")
+    lines.append("|" + "---|" * 19)
     for r in rows:
         target = ""
         if in_target(r):
@@ -397,21 +430,29 @@ def write_markdown(rows, checks, env, path: Path) -> None:
                                        f"{r['kv4_hbm_pct']:.0f}%)")
         lines.append(
             f"| {r['config']} | {r['batch']} | {r['context']} | {r['kv4_us']:.1f} | "
-            f"{r['v3_us']:.1f} | {r['fp16_us']:.1f} | {r['sdpa_us']:.1f} | "
-            f"{r['speedup_vs_sdpa']:.2f} | {r['speedup_vs_v3']:.2f} | {r['kv4_hbm_pct']:.1f} | "
-            f"{r['v3_hbm_pct']:.1f} | {r['sdpa_hbm_pct']:.1f} | {r['kv4_floor_us']:.1f} | "
-            f"{r['kv4_build']}, {r['kv4_splits']} | {r['kv4_err']:.1e} | {r['kv4_best_us']:.1f} "
+            f"{r['old_us']:.1f} | {r['fp16_us']:.1f} | {r['sdpa_us']:.1f} | "
+            f"{r['speedup_vs_sdpa']:.2f} | {r['speedup_vs_old']:.2f} | "
+            f"{r['old_speedup_vs_sdpa']:.2f} | {r['kv4_hbm_pct']:.1f} | "
+            f"{r['old_hbm_pct']:.1f} | {r['sdpa_hbm_pct']:.1f} | {r['kv4_floor_us']:.1f} | "
+            f"{r['kv4_build']}, {r['kv4_splits']} | {r['old_build']}, {r['old_splits']} | "
+            f"{r['kv4_err']:.1e} | {r['kv4_best_us']:.1f} "
             f"({r['kv4_best_build']}, {r['kv4_best_splits']}) | {target} |")
-    lines += ["", "Memory per cached token (K + V, all KV heads, head_dim 128):", "",
+    lines += ["", f"Memory per cached token (K + V, all KV heads, head_dim {HEAD_DIM}; a paged block "
+              f"of one KV head is {kk.block_bytes(HEAD_DIM)} bytes = 16 tokens, a multiple of 128 "
+              f"with no padding, so only a sequence's last, partly filled block holds unused "
+              f"slots):", "",
               "| config | 4-bit bytes | FP16 bytes | ratio |", "|---|---|---|---|"]
     for name, _, hkv in CONFIGS:
-        q4, f16 = kv_bytes_per_token(HEAD_DIM, hkv), 2 * hkv * HEAD_DIM * 2
+        q4, f16 = kk.block_bytes(HEAD_DIM) * hkv // kk.BLOCK_TOKENS, 2 * hkv * HEAD_DIM * 2
+        assert q4 == kv_bytes_per_token(HEAD_DIM, hkv)
         lines.append(f"| {name} | {q4} | {f16} | {q4 / f16:.4f} |")
     n_ok = sum(c["ok"] for c in checks)
-    worst = {b: max(c[f"{b}_err"] for c in checks) for b in CHECK_BUILDS + ("fp16",)}
+    names = [k[:-4] for k in checks[0] if k.endswith("_err")]
+    worst = {b: max(c[f"{b}_err"] for c in checks) for b in names}
     lines += ["", f"Correctness checks (ragged lengths 1..4099, poisoned outputs, head_dim 64/128, "
-              f"GQA groups 1/3/4/8/12, split plans, every build): {n_ok}/{len(checks)} passed; "
-              f"max error per build " + ", ".join(f"{b} {e:.2e}" for b, e in worst.items()) +
+              f"GQA groups 1/3/4/8/12, split plans, every build, paged builds also on a "
+              f"shuffled pool): {n_ok}/{len(checks)} passed; max error per variant " +
+              ", ".join(f"{b} {e:.2e}" for b, e in worst.items()) +
               " (relative Frobenius vs float64)."]
     path.write_text("\n".join(lines) + "\n")
 
@@ -430,8 +471,8 @@ def plot(csv_path: Path, png_path: Path) -> None:
         labels = [f"B{r['batch']}\nL{r['context']}" for r in sub]
         x = range(len(sub))
         w = 0.21
-        for i, (col, lab) in enumerate((("kv4_us", "4-bit KV (round 3, planned)"),
-                                        ("v3_us", "4-bit KV (round 1)"),
+        for i, (col, lab) in enumerate((("kv4_us", "4-bit KV, paged (round 4, planned)"),
+                                        ("old_us", "4-bit KV, contiguous (round 3)"),
                                         ("fp16_us", "FP16 KV (round-1 kernel)"),
                                         ("sdpa_us", "FP16 KV (torch SDPA)"))):
             ax.bar([j + (i - 1.5) * w for j in x], [float(r[col]) for r in sub], w, label=lab)
@@ -447,28 +488,12 @@ def plot(csv_path: Path, png_path: Path) -> None:
     fig.savefig(png_path, dpi=130)
 
 
-@contextlib.contextmanager
-def kernels_from(folder):
-    """Compile kernels from `folder` (None: the repository's) while inside the block."""
-    old = os.environ.get("ATOM_LAB_KERNELS")
-    if folder is not None:
-        os.environ["ATOM_LAB_KERNELS"] = str(Path(folder).resolve())
-    try:
-        yield
-    finally:
-        if folder is not None:
-            if old is None:
-                del os.environ["ATOM_LAB_KERNELS"]
-            else:
-                os.environ["ATOM_LAB_KERNELS"] = old
-
-
 def split_plan(L: int, n: int, build: str) -> kk.SplitPlan:
     chunk = kk._align(-(-L // n), kk.CHUNK_ALIGN)
     return kk.SplitPlan(-(-L // chunk), chunk, build)
 
 
-def variant_check(build: str, opts: tuple, folder) -> float:
+def variant_check(layout: str, build: str, opts: tuple) -> float:
     """Worst relative error of a build variant on ragged lengths (partial tiles, one token),
     GQA, NaN params and random codes past each length, one and many partitions."""
     gen = torch.Generator(device="cuda").manual_seed(77)
@@ -482,49 +507,23 @@ def variant_check(build: str, opts: tuple, folder) -> float:
                              generator=gen)).half()
         cache = kk.QuantizedKVCache(len(lengths), kv_heads, D, cap)
         cache.append(k, v, lengths)
-        for b, n in enumerate(lengths):
-            for codes in (cache.k_codes, cache.v_codes):
-                codes[b, :, n:] = torch.randint(0, 256, codes[b, :, n:].shape, device="cuda",
-                                                dtype=torch.uint8, generator=gen)
-            cache.k_params[b, :, n:] = 0x7E007E00  # fp16 NaN in both halves
-            cache.v_params[b, :, n:] = 0x7E007E00
+        cache.poison_unused(gen)
+        s = dict(q=q, cache=cache)
         ref = kk.reference_decode_attention(q, k, v, lengths)
         for n in (1, 3, 17):
             out = torch.full_like(q, float("nan"))
-            with kernels_from(folder):
-                kk.decode_attention_kv4(q, cache.k_codes, cache.k_params, cache.v_codes,
-                                        cache.v_params, cache.lengths, max(lengths),
-                                        plan=split_plan(max(lengths), n, build), out=out,
-                                        compile_options=opts)
+            decode(s, layout, max(lengths), split_plan(max(lengths), n, build), out, opts)
             worst = max(worst, poisoned_err(out, ref))
     return worst
 
 
-BLOCKED = "-DKV4M_LOAD_ONLY=2"
-
-
-def blocked(s: dict) -> torch.Tensor:
-    """For the blocked-layout diagnostic: random bytes in the place of K, 136 a token (codes and
-    params of K and V together), viewed with k_codes' shape (the kernel takes the pointer)."""
-    codes = s["cache"].k_codes
-    if "blocked" not in s:
-        B, H, L, half = codes.shape
-        s["blocked"] = torch.randint(0, 256, (B * H * L * (2 * half + 8),), dtype=torch.uint8,
-                                     device="cuda")
-    return s["blocked"][:codes.numel()].view(codes.shape)
-
-
 def ablate(out_dir: Path) -> None:
-    """Time every ABLATIONS variant on ABLATION_ROWS; each non-diagnostic variant is checked
-    first on ragged inputs and on the row's data."""
+    """Time every ABLATIONS variant on ABLATION_ROWS; each "ragged" variant is checked first on
+    ragged inputs, each non-diagnostic one on the row's data."""
     records, checked = [], {}
-    missing = [a for a in ABLATIONS if a[3] and not (Path(a[3]) / "decode_attention.cu").is_file()]
-    for a in missing:
-        log(f"  skip {a[0]}: no {a[3]}/decode_attention.cu")
-    variants = [a for a in ABLATIONS if a not in missing]
-    for label, build, opts, folder, diag, _ in variants:
-        if not diag:
-            checked[label] = variant_check(build, opts, folder)
+    for label, layout, build, opts, check, _ in ABLATIONS:
+        if check == "ragged":
+            checked[label] = variant_check(layout, build, opts)
             log(f"  check {label}: err {checked[label]:.2e}")
     for config, B, L, row_splits in ABLATION_ROWS:
         _, hq, hkv = next(c for c in CONFIGS if c[0] == config)
@@ -533,28 +532,28 @@ def ablate(out_dir: Path) -> None:
                 for _ in range(max(1, min(256, math.ceil(ROTATE_BYTES / cache_kv4))))]
         for s in sets:
             s["cache"].append(s["k"], s["v"])
+            for layout in ("old", "shuffled"):
+                layout_args(s, layout)
         s0 = sets[0]
+        identity = torch.arange(B * hkv * (L // 16), device="cuda", dtype=torch.int32)
+        identity = identity.view(B, hkv, -1)
+        assert torch.equal(s0["cache"].block_table, identity)  # what the direct variant assumes
         ref = kk.reference_decode_attention(s0["q"][:1], s0["k"][:1], s0["v"][:1], [L])
         line = []
-        for label, build, opts, folder, diag, splits in variants:
+        for label, layout, build, opts, check, splits in ABLATIONS:
             for n in splits or row_splits:
                 plan = split_plan(L, n, build)
                 if plan.splits != n or (splits and n not in row_splits and n > max(row_splits)):
                     continue
-
-                def call(s, plan=plan, opts=opts):
-                    c = s["cache"]
-                    kk.decode_attention_kv4(s["q"], blocked(s) if BLOCKED in opts else c.k_codes,
-                                            c.k_params, c.v_codes, c.v_params, c.lengths, L,
-                                            plan=plan, out=s["out4"], compile_options=opts)
                 s0["out4"].fill_(float("nan"))
-                with kernels_from(folder):
-                    call(s0)
+                decode(s0, layout, L, plan, s0["out4"], opts)
                 err = poisoned_err(s0["out4"][:1], ref)
-                ok = diag or (err < TOL and checked[label] < TOL)
-                t = time_calls([lambda s=s: call(s) for s in sets])[0] if ok else math.nan
+                ok = check == "diag" or (err < TOL and checked.get(label, 0.0) < TOL)
+                t = time_calls([lambda s=s, plan=plan, layout=layout, opts=opts:
+                                decode(s, layout, L, plan, s["out4"], opts) for s in sets])[0] \
+                    if ok else math.nan
                 records.append(dict(config=config, batch=B, context=L, variant=label,
-                                    splits=plan.splits, us=t * 1e6, err=err, diagnostic=diag,
+                                    splits=plan.splits, us=t * 1e6, err=err, check=check,
                                     ragged_err=checked.get(label, math.nan),
                                     MB=cache_kv4 / 1e6))
                 line.append(f"{label}/S{plan.splits} {t * 1e6:.1f}")
@@ -565,7 +564,7 @@ def ablate(out_dir: Path) -> None:
     rows = [(c, b, l) for c, b, l, _ in ABLATION_ROWS]
     lines = ["| variant | S | " + " | ".join(f"{c} B{b} L{l}" for c, b, l in rows) + " |",
              "|---|---|" + "---|" * len(rows)]
-    for label, *_ in variants:
+    for label, *_ in ABLATIONS:
         for n in sorted({r["splits"] for r in records if r["variant"] == label}):
             cells = [next((f"{r['us']:.1f}" for r in records if r["variant"] == label and
                            (r["config"], r["batch"], r["context"]) == row and r["splits"] == n), "")
@@ -581,17 +580,15 @@ def trace(out_dir: Path) -> None:
     import cupy
 
     summaries = []
-    for config, B, L, build, n, extra in TRACES:
+    for config, B, L, layout, build, n, extra in TRACES:
         _, hq, hkv = next(c for c in CONFIGS if c[0] == config)
         opts = ("-DKV4M_TRACE=1",) + tuple(extra)
         s = make_set(B, hq, hkv, L, HEAD_DIM)
-        c = s["cache"]
-        c.append(s["k"], s["v"])
+        s["cache"].append(s["k"], s["v"])
         plan = split_plan(L, n, build)
 
         def call():
-            kk.decode_attention_kv4(s["q"], c.k_codes, c.k_params, c.v_codes, c.v_params,
-                                    c.lengths, L, plan=plan, out=s["out4"], compile_options=opts)
+            decode(s, layout, L, plan, s["out4"], opts)
         call()
         call()
         torch.cuda.synchronize()
@@ -603,8 +600,9 @@ def trace(out_dir: Path) -> None:
         torch.cuda.synchronize()
         ctas = plan.splits * B * hkv * (-(-(hq // hkv) // kk.HEADS_PER_CTA))
         t = cupy.asnumpy(buf[:5 * ctas]).reshape(ctas, 5).astype(np.int64)
-        summaries.append(summarize_trace(t, dict(config=config, batch=B, context=L, build=build,
-                                                 splits=plan.splits, options=" ".join(extra),
+        summaries.append(summarize_trace(t, dict(config=config, batch=B, context=L, cache=layout,
+                                                 build=build, splits=plan.splits,
+                                                 options=" ".join(extra),
                                                  MB=B * hkv * L * (HEAD_DIM + 8) / 1e6)))
         log(f"  trace {summaries[-1]}")
     torch.cuda.empty_cache()
@@ -642,15 +640,10 @@ def single(config: str, B: int, L: int, build: str, splits: int) -> None:
     """A few calls of one row and build, nothing else (a target for a profiler)."""
     _, hq, hkv = next(c for c in CONFIGS if c[0] == config)
     s = make_set(B, hq, hkv, L, HEAD_DIM)
-    c = s["cache"]
-    c.append(s["k"], s["v"])
-    plan = None
-    if splits:
-        chunk = kk._align(-(-L // splits), kk.CHUNK_ALIGN)
-        plan = kk.SplitPlan(-(-L // chunk), chunk, build)
+    s["cache"].append(s["k"], s["v"])
+    plan = split_plan(L, splits, build) if splits else None
     for _ in range(3):
-        kk.decode_attention_kv4(s["q"], c.k_codes, c.k_params, c.v_codes, c.v_params, c.lengths,
-                                L, plan=plan, out=s["out4"])
+        decode(s, layout_of(build), L, plan, s["out4"])
     torch.cuda.synchronize()
 
 
@@ -713,12 +706,12 @@ def main() -> int:
         plot(args.out / "attention_bench.csv", args.out / "attention_bench.png")
     except ImportError:
         log("matplotlib missing: draw the PNG later with --plot")
-    log("\nconfig        B     L   kv4_us    v3_us  sdpa_us  xSDPA  kv4%HBM  plan     best  target")
+    log("\nconfig        B     L   kv4_us   old_us  sdpa_us  xSDPA  kv4%HBM  plan     best  target")
     for r in rows:
         t = ("met" if r["speedup_vs_sdpa"] >= 3 and r["kv4_hbm_pct"] >= 70 else "MISS") \
             if in_target(r) else ""
         log(f"{r['config']:12s} {r['batch']:3d} {r['context']:5d} {r['kv4_us']:8.1f} "
-            f"{r['v3_us']:8.1f} {r['sdpa_us']:8.1f} {r['speedup_vs_sdpa']:6.2f} "
+            f"{r['old_us']:8.1f} {r['sdpa_us']:8.1f} {r['speedup_vs_sdpa']:6.2f} "
             f"{r['kv4_hbm_pct']:7.1f}  {r['kv4_build']}/{r['kv4_splits']:<3d} "
             f"{r['kv4_best_us']:6.1f}  {t}")
     return 0 if all(c["ok"] for c in checks) else 1

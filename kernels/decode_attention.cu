@@ -1,8 +1,12 @@
 // Decode attention (one query token per sequence) over a KV cache of ragged lengths, GQA, split-K.
 //
 // Cache formats:
-//   KV4  : formats.KVQuantized, one group per head. codes [B, Hkv, cap, D/2] (nibble-packed,
-//          unsigned), params [B, Hkv, cap] 32-bit words = (fp16 scale) | (fp16 zero) << 16.
+//   KV4 paged (round 4, builds "kv4p", "kv4pw8"): formats.KVQuantized, one group per head, in a
+//          pool of 16-token blocks addressed through a block table (see KV4M below): one block of
+//          one KV head is one contiguous 16 D + 128 byte run (codes and params of K and V).
+//   KV4  : the contiguous layout of rounds 1-3, kept as the measured comparison: codes
+//          [B, Hkv, cap, D/2] (nibble-packed, unsigned), params [B, Hkv, cap] 32-bit words =
+//          (fp16 scale) | (fp16 zero) << 16.
 //   FP16 : plain fp16 K/V [B, Hkv, cap, D] (for comparison).
 //
 // Grid (splits, Hkv * head_blocks, B); a CTA takes the query heads of one KV head (up to 8; more
@@ -12,7 +16,8 @@
 //
 // Two 4-bit kernel bodies (mma.sync m16n8k16, fp16 in, fp32 accumulate):
 //
-// decode_kv4m (builds "kv4", "kv4w8", "kv4s6"; rounds 2-3): tokens on the mma M dimension for
+// decode_kv4m (builds "kv4p", "kv4pw8" on the paged cache; "kv4", "kv4w8", "kv4s6" on the
+//   contiguous one; rounds 2-4): tokens on the mma M dimension for
 //   the scores, S[16 tokens, 8 heads] = K[16 tokens, d] . Q^T[d, 8 heads], so one mma covers 16
 //   tokens and the K tile is the A operand straight from its nibbles. The nibble -> fp16
 //   conversion keeps the 0x6400 exponent trick's bias: one LOP3 gives 1024 + c (low nibble) or
@@ -699,11 +704,11 @@ __device__ __forceinline__ void decode_attention(
 #define KV4M_NST 4       // ring stages of the kv4 / kv4w8 builds
 #endif
 #ifndef KV4M_LOAD_ONLY
-#define KV4M_LOAD_ONLY 0 // diagnostic: copies and waits only, no math (wrong output). 2: each
-#endif                   // tile one contiguous 2176-byte run from k (a blocked layout's pattern);
-#ifndef KV4M_NO_PARAMS   // the param copies left out (with LOAD_ONLY)
-#define KV4M_NO_PARAMS 0
+#define KV4M_LOAD_ONLY 0 // diagnostic: copies and waits only, no math (wrong output)
 #endif
+#ifndef KV4P_DIRECT
+#define KV4P_DIRECT 0    // paged builds: block id = (b * kv_heads + h) * max_blocks + block index,
+#endif                   // the table not read (right only for an identity table: the lookups' cost)
 #ifndef KV4M_EMPTY
 #define KV4M_EMPTY 0     // diagnostic: return at entry (the cost of launching the grid)
 #endif
@@ -740,6 +745,12 @@ __device__ __forceinline__ int pinned(int x) {
     return x;
 }
 
+// The paged cache (round 4): a pool of blocks [num_blocks][BLOCK], a block holding 16 tokens of
+// one KV head as one contiguous run laid out like a ring stage, V rows unswizzled: K codes
+// [16][D/2], V codes [16][D/2], K param words [16], V param words [16] (16 D + 128 bytes: 2176
+// for D = 128, 1152 for D = 64, both multiples of 128). block_table [B][kv_heads][max_blocks]
+// holds each (sequence, KV head)'s physical block ids; every entry must be a valid id, used or
+// not (the first tiles are fetched before the length is known).
 template <int D>
 struct KV4M {
     static constexpr int K_ROW = D / 2;              // code bytes of one token
@@ -749,7 +760,7 @@ struct KV4M {
     static constexpr int OFF_V = TILE * K_ROW;
     static constexpr int OFF_KP = 2 * TILE * K_ROW;
     static constexpr int OFF_VP = OFF_KP + TILE * 4;
-    static constexpr int STAGE = OFF_VP + TILE * 4;
+    static constexpr int STAGE = OFF_VP + TILE * 4;  // = the bytes of one paged block
     static constexpr int WORDS = D / 32;             // code words of one token row a thread reads
     static constexpr int MT = D / 16;                // m-tiles of the output mma
     // Row of token t (0-15) in V chunk c.
@@ -769,13 +780,16 @@ __device__ __forceinline__ void load_words(u32 (&w)[N], const u8* p) {
     }
 }
 
-template <int D, int NW, int NST>
+// PAGED: k is the block pool, block_table its table, capacity = max_blocks * 16 (k_params, v,
+// v_params unused); otherwise the contiguous layout of rounds 1-3.
+template <int D, int NW, int NST, bool PAGED>
 __device__ __forceinline__ void decode_kv4m(
     const u16* __restrict__ q, const u8* __restrict__ k, const u32* __restrict__ k_params,
     const u8* __restrict__ v, const u32* __restrict__ v_params, const int* __restrict__ lengths,
     int kv_heads, int group, int head_blocks, int capacity, int chunk, int splits,
     float scale_log2, u16* __restrict__ out, float* __restrict__ part_o,
-    float* __restrict__ part_lse, int* __restrict__ tickets) {
+    float* __restrict__ part_lse, int* __restrict__ tickets,
+    const int* __restrict__ block_table) {
     if (KV4M_EMPTY) return;
     using F = KV4M<D>;
     extern __shared__ __align__(16) u8 smem[];
@@ -816,22 +830,31 @@ __device__ __forceinline__ void decode_kv4m(
     const u32 v_dst = pinned(F::OFF_V + (lane % F::CH) * (TILE * 16) +
                              F::v_row(lane / F::CH, lane % F::CH) * 16);
     const u32 p_dst = pinned((lane < 4 ? F::OFF_KP : F::OFF_VP) + (lane & 3) * 16);
-    auto fetch = [&](u32 stage, int rem) {  // rem >= 1 tokens of the tile may be read
+    // Paged: block ids of this warp's tiles, read two fetches ahead of their copies (the
+    // prologue reads all it needs at once), so a copy never waits on the table.
+    const int max_blocks = capacity / TILE;
+    const int* table_row = block_table + ((long long)b * kv_heads + kvh) * max_blocks;
+    auto block_of = [&](int tile) -> int {
+        if (KV4P_DIRECT) return (b * kv_heads + kvh) * max_blocks + tile;
+        return tile < max_blocks ? __ldg(table_row + tile) : 0;
+    };
+    auto fetch = [&](u32 stage, int rem, int block) {  // rem >= 1 tokens of the tile may be read
         constexpr int PF = KV4M_PF, PFP = KV4M_PF_PARAMS;
-        if (KV4M_LOAD_ONLY == 2) {  // diagnostic: k holds 2 K_ROW + 8 bytes a token, blocked
-            const u8* src = k + (row0 + next_t0) * (2 * F::K_ROW + 8) + lane * 16;
+        if constexpr (PAGED) {  // the whole block, one contiguous run: past the length is masked
+            const u8* src = k + (long long)block * F::STAGE + lane * 16;
 #pragma unroll
-            for (int i = 0; i < 2 * F::LOADS; ++i)
+            for (int i = 0; i < F::LOADS; ++i) {
                 cp_async16_full_pf<PF>(stage + k_dst + i * 512, src + i * 512);
-            constexpr int PARAMS = 2 * TILE * F::K_ROW;  // offset of a tile's 128 param bytes
-            if (param_lane) cp_async16_full_pf<PFP>(stage + PARAMS + k_dst, src + PARAMS);
+                cp_async16_full_pf<PF>(stage + v_dst + i * F::TOK_STEP * 16, src + F::OFF_V + i * 512);
+            }
+            if (param_lane) cp_async16_full_pf<PFP>(stage + p_dst, src + F::OFF_KP);
         } else if (rem >= TILE) {
 #pragma unroll
             for (int i = 0; i < F::LOADS; ++i) {
                 cp_async16_full_pf<PF>(stage + k_dst + i * 512, k_src + i * 512);
                 cp_async16_full_pf<PF>(stage + v_dst + i * F::TOK_STEP * 16, v_src + i * 512);
             }
-            if (param_lane && !KV4M_NO_PARAMS) cp_async16_full_pf<PFP>(stage + p_dst, p_src);
+            if (param_lane) cp_async16_full_pf<PFP>(stage + p_dst, p_src);
         } else {
 #pragma unroll
             for (int i = 0; i < F::LOADS; ++i) {
@@ -839,7 +862,7 @@ __device__ __forceinline__ void decode_kv4m(
                 cp_async16_pf<PF>(stage + k_dst + i * 512, k_src + i * 512, bytes);
                 cp_async16_pf<PF>(stage + v_dst + i * F::TOK_STEP * 16, v_src + i * 512, bytes);
             }
-            if (param_lane && !KV4M_NO_PARAMS)
+            if (param_lane)
                 cp_async16_pf<PFP>(stage + p_dst, p_src, 4 * min(max(rem - 4 * (lane & 3), 0), 4));
         }
         k_src += NW * TILE * F::K_ROW;
@@ -847,11 +870,22 @@ __device__ __forceinline__ void decode_kv4m(
         p_src += NW * TILE;
         next_t0 += NW * TILE;
     };
+    int ids[NST + 1];  // paged: blocks of the first NST + 1 fetches
+#pragma unroll
+    for (int i = 0; i <= NST; ++i) ids[i] = PAGED ? block_of(next_t0 / TILE + i * NW) : 0;
 #pragma unroll
     for (int i = 0; i < NST - 1; ++i) {
-        if (next_t0 < stop) fetch(ring + i * F::STAGE, stop - next_t0);
+        if (next_t0 < stop) fetch(ring + i * F::STAGE, stop - next_t0, ids[i]);
         cp_async_commit();
     }
+    int id_a = ids[NST - 1], id_b = ids[NST];  // the blocks of the next two fetches
+    auto fetch_next = [&](u32 stage, int rem) {
+        fetch(stage, rem, id_a);
+        if constexpr (PAGED) {
+            id_a = id_b;
+            id_b = block_of(next_t0 / TILE + NW);
+        }
+    };
 
     const int nsplit_b = max(1, (len + chunk - 1) / chunk);
     if (split >= nsplit_b) {  // this partition lies past the sequence's end
@@ -1039,7 +1073,7 @@ __device__ __forceinline__ void decode_kv4m(
     // Diagnostic: the copies and waits alone (no math; the output is not attention).
     u32 sink = 0;
     for (int it = 0; it < mine; ++it) {
-        if (it + NST - 1 < mine) fetch(ring + ((it + NST - 1) % NST) * F::STAGE, end - next_t0);
+        if (it + NST - 1 < mine) fetch_next(ring + ((it + NST - 1) % NST) * F::STAGE, end - next_t0);
         cp_async_commit();
         cp_async_wait<NST - 1>();
         __syncwarp();
@@ -1057,7 +1091,7 @@ __device__ __forceinline__ void decode_kv4m(
     const bool has_partial = mine > 0 && (end - start) % TILE && (ntiles - 1) % NW == warp;
     const int full = mine - has_partial;
     if (full > 0) {
-        if (NST - 1 < mine) fetch(ring + (NST - 1) * F::STAGE, end - next_t0);
+        if (NST - 1 < mine) fetch_next(ring + (NST - 1) * F::STAGE, end - next_t0);
         cp_async_commit();
         cp_async_wait<NST - 1>();
         __syncwarp();
@@ -1068,7 +1102,7 @@ __device__ __forceinline__ void decode_kv4m(
         update_max(x);
         __syncwarp();
         for (int it = 0; it + 1 < full; ++it) {
-            if (it + NST < mine) fetch(ring + (it % NST) * F::STAGE, end - next_t0);
+            if (it + NST < mine) fetch_next(ring + (it % NST) * F::STAGE, end - next_t0);
             cp_async_commit();
             cp_async_wait<NST - 1>();  // tile it + 1
             __syncwarp();
@@ -1100,7 +1134,7 @@ __device__ __forceinline__ void decode_kv4m(
     }
 #else
     for (int it = 0; it < mine; ++it) {
-        if (it + NST - 1 < mine) fetch(ring + ((it + NST - 1) % NST) * F::STAGE, end - next_t0);
+        if (it + NST - 1 < mine) fetch_next(ring + ((it + NST - 1) % NST) * F::STAGE, end - next_t0);
         cp_async_commit();
         cp_async_wait<NST - 1>();
         __syncwarp();
@@ -1165,16 +1199,39 @@ __device__ __forceinline__ void decode_kv4m(
 #define DEFINE_KV4M(NAME, D, NW, NST, MIN_CTAS)                                                   \
     extern "C" __global__ void __launch_bounds__(NW * 32, MIN_CTAS) NAME(DECODE_ARGS) {           \
         TRACE_MARK(0);                                                                            \
-        decode_kv4m<D, NW, NST>(DECODE_PASS);                                                     \
+        decode_kv4m<D, NW, NST, false>(DECODE_PASS, nullptr);                                     \
         TRACE_MARK(3);                                                                            \
     }
-// -DBUILD_D64=0 / -DBUILD_ROUND1=0 leave builds out (faster compiles of ablation variants).
+// Round 4, the paged cache: the same body reading whole blocks through the block table.
+#define DEFINE_KV4P(NAME, D, NW, NST, MIN_CTAS)                                                   \
+    extern "C" __global__ void __launch_bounds__(NW * 32, MIN_CTAS) NAME(                        \
+        const u16 *q, const u8 *pool, const int *block_table, const int *lengths, int kv_heads,  \
+        int group, int head_blocks, int max_blocks, int chunk, int splits, float scale_log2,     \
+        u16 *out, float *part_o, float *part_lse, int *tickets) {                                 \
+        TRACE_MARK(0);                                                                            \
+        decode_kv4m<D, NW, NST, true>(q, pool, nullptr, nullptr, nullptr, lengths, kv_heads,     \
+                                      group, head_blocks, max_blocks * TILE, chunk, splits,       \
+                                      scale_log2, out, part_o, part_lse, tickets, block_table);  \
+        TRACE_MARK(3);                                                                            \
+    }
+// -DBUILD_D64=0 / -DBUILD_ROUND1=0 / -DBUILD_OLD=0 leave builds out (faster compiles of
+// ablation variants; BUILD_OLD: the contiguous-layout builds of rounds 2-3).
 #ifndef BUILD_D64
 #define BUILD_D64 1
 #endif
 #ifndef BUILD_ROUND1
 #define BUILD_ROUND1 1
 #endif
+#ifndef BUILD_OLD
+#define BUILD_OLD 1
+#endif
+#if BUILD_D64
+DEFINE_KV4P(decode_attention_kv4p_d64, 64, 4, KV4M_NST, 4)
+DEFINE_KV4P(decode_attention_kv4pw8_d64, 64, 8, KV4M_NST, 2)
+#endif
+DEFINE_KV4P(decode_attention_kv4p_d128, 128, 4, KV4M_NST, 4)
+DEFINE_KV4P(decode_attention_kv4pw8_d128, 128, 8, KV4M_NST, 2)
+#if BUILD_OLD
 #if BUILD_D64
 DEFINE_KV4M(decode_attention_kv4_d64, 64, 4, KV4M_NST, 4)
 DEFINE_KV4M(decode_attention_kv4w8_d64, 64, 8, KV4M_NST, 2)
@@ -1183,6 +1240,7 @@ DEFINE_KV4M(decode_attention_kv4s6_d64, 64, 4, 6, 4)
 DEFINE_KV4M(decode_attention_kv4_d128, 128, 4, KV4M_NST, 4)
 DEFINE_KV4M(decode_attention_kv4w8_d128, 128, 8, KV4M_NST, 2)
 DEFINE_KV4M(decode_attention_kv4s6_d128, 128, 4, 6, 4)
+#endif
 
 // Round 1 body: the 4-bit build it shipped (4-stage rings) and the FP16 comparison (3 stages:
 // its tiles are 4x larger).

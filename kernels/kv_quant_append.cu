@@ -1,13 +1,16 @@
-// Quantize-and-append for the 4-bit KV cache (formats.KVQuantized, one group per head).
+// Quantize-and-append for the paged 4-bit KV cache (formats.KVQuantized, one group per head).
 //
 // One warp quantizes one (sequence, kv head, new token) row of head_dim FP16 values and writes it at
-// position lengths[b] + t of that sequence's contiguous cache rows: head_dim / 2 bytes of
-// nibble-packed unsigned codes and one 32-bit word holding (fp16 scale, fp16 zero) in its low and
-// high halves. blockIdx.y picks K (0) or V (1), so one launch appends both.
+// position p = lengths[b] + t of that sequence: slot p % 16 of block block_table[b][h][p / 16].
+// The pool is [num_blocks][16 D + 128] bytes; a block (16 tokens of one KV head) holds K codes
+// [16][D/2], V codes [16][D/2], then the 16 K and the 16 V param words (fp16 scale in the low
+// half, fp16 zero in the high half), the layout decode_attention.cu's paged builds read.
+// blockIdx.y picks K (0) or V (1), so one launch appends both.
 //
 // Arithmetic is encode_kv's, bit for bit: the range always contains 0 (hi = max(max, 0) * clip,
 // lo = min(min, 0) * clip); scale = (hi - lo) / qmax in fp32, clamped to 1e-5, rounded to fp16;
-// zero = clamp(rint(-lo / float(scale)), 0, qmax);
+// zero = clamp(rint(-lo / float(scale)), 0, qmax) (clamped with selects, as torch does: a row with
+// lo = 0 keeps the zero point -0.0, so the cache bytes equal the reference encoder's);
 // code = clamp(rint(x / float(scale)) + zero, 0, qmax) with true IEEE division (no fast math).
 // Self-contained (no headers) so NVRTC needs no include path.
 
@@ -67,7 +70,8 @@ __device__ void quant_append_row(const u16* __restrict__ src, u8* __restrict__ c
     const float xmax = fmaxf(mx, 0.f) * clip, xmin = fminf(mn, 0.f) * clip;
     const u16 scale_h = float_to_half(fmaxf((xmax - xmin) / (float)qmax, MIN_SCALE));
     const float scale = half_to_float(scale_h);
-    const float zero = fminf(fmaxf(rintf(-xmin / scale), 0.f), (float)qmax);
+    float zero = rintf(-xmin / scale);
+    zero = zero < 0.f ? 0.f : (zero > (float)qmax ? (float)qmax : zero);
     u32 packed = 0;
 #pragma unroll
     for (int e = 0; e < E; ++e) packed |= (u32)code_of(x[e], scale, zero, qmax) << (4 * e);
@@ -79,33 +83,35 @@ __device__ void quant_append_row(const u16* __restrict__ src, u8* __restrict__ c
 }
 
 // new_k / new_v: [batch, heads, T, D] fp16 contiguous. counts[b] <= T new tokens of sequence b are
-// written at lengths[b] .. lengths[b] + counts[b] - 1 (the caller checks the capacity and then
-// advances lengths). Cache: codes [batch, heads, capacity, D/2], params [batch, heads, capacity].
+// written at lengths[b] .. lengths[b] + counts[b] - 1 (the caller has allocated their blocks and
+// then advances lengths).
 template <int D>
 __device__ void quant_append(const u16* __restrict__ new_k, const u16* __restrict__ new_v,
                              const int* __restrict__ counts, const int* __restrict__ lengths,
-                             u8* __restrict__ k_codes, u32* __restrict__ k_params,
-                             u8* __restrict__ v_codes, u32* __restrict__ v_params, int batch,
-                             int heads, int T, int capacity, int qmax, float clip) {
+                             const int* __restrict__ block_table, u8* __restrict__ pool, int batch,
+                             int heads, int T, int max_blocks, int qmax, float clip) {
+    constexpr int BLOCK = 16 * D + 128;
     const long long row = (long long)blockIdx.x * APPEND_WARPS + (threadIdx.x >> 5);
     if (row >= (long long)batch * heads * T) return;
     const int t = (int)(row % T);
     const long long bh = row / T;  // b * heads + h
     const int b = (int)(bh / heads);
     if (t >= counts[b]) return;
-    const long long dst = bh * capacity + lengths[b] + t;
+    const int pos = lengths[b] + t, slot = pos % 16;
+    const int block = block_table[bh * max_blocks + pos / 16];
+    u8* base = pool + (long long)block * BLOCK;
     const bool is_v = blockIdx.y == 1;
-    quant_append_row<D>((is_v ? new_v : new_k) + row * D, (is_v ? v_codes : k_codes) + dst * (D / 2),
-                        (is_v ? v_params : k_params) + dst, qmax, clip);
+    quant_append_row<D>((is_v ? new_v : new_k) + row * D, base + (is_v ? 8 * D : 0) + slot * (D / 2),
+                        reinterpret_cast<u32*>(base + 16 * D + (is_v ? 64 : 0)) + slot, qmax, clip);
 }
 
 #define DEFINE_APPEND(D)                                                                          \
     extern "C" __global__ void __launch_bounds__(APPEND_WARPS * 32) kv_quant_append_d##D(        \
-        const u16* new_k, const u16* new_v, const int* counts, const int* lengths, u8* k_codes,   \
-        u32* k_params, u8* v_codes, u32* v_params, int batch, int heads, int T, int capacity,     \
-        int qmax, float clip) {                                                                   \
-        quant_append<D>(new_k, new_v, counts, lengths, k_codes, k_params, v_codes, v_params,      \
-                        batch, heads, T, capacity, qmax, clip);                                   \
+        const u16* new_k, const u16* new_v, const int* counts, const int* lengths,                \
+        const int* block_table, u8* pool, int batch, int heads, int T, int max_blocks, int qmax,  \
+        float clip) {                                                                             \
+        quant_append<D>(new_k, new_v, counts, lengths, block_table, pool, batch, heads, T,        \
+                        max_blocks, qmax, clip);                                                  \
     }
 
 DEFINE_APPEND(64)

@@ -1,8 +1,9 @@
 """4-bit KV cache kernels: append == encode_kv bit for bit, decode attention == the float64
 reference on fresh random inputs with ragged lengths (GPU tests skip without CuPy and a GPU),
-plus the host-side checks and the reference itself (CPU)."""
+plus the host-side checks, the paged layout's conversions and the reference itself (CPU)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +11,11 @@ from atom_lab import kv_kernels as kk
 from atom_lab.cuda import kernel_backend_available
 from atom_lab.formats import decode_kv, encode_kv, kv_bytes_per_token
 
-gpu = pytest.mark.skipif(not kernel_backend_available(), reason="needs CuPy and a CUDA GPU")
+
+def gpu(test):
+    """Marked `gpu` and skipped without CuPy and a CUDA GPU."""
+    skip = pytest.mark.skipif(not kernel_backend_available(), reason="needs CuPy and a CUDA GPU")
+    return pytest.mark.gpu(skip(test))
 
 
 def _rel(out, ref):
@@ -89,6 +94,102 @@ def test_memory_per_token_under_0_3_of_fp16():
         assert kv_bytes_per_token(head_dim, 8) <= 0.3 * fp16
 
 
+@pytest.mark.parametrize("head_dim", kk.HEAD_DIMS)
+def test_paged_block_is_128_byte_aligned_and_unpadded(head_dim):
+    """A block is a whole number of 128-byte lines and holds exactly 16 tokens of the format:
+    the pool's bytes per token slot equal formats.kv_bytes_per_token, <= 0.3x FP16."""
+    assert kk.block_bytes(head_dim) % 128 == 0
+    for kv_heads in (1, 8, 32):
+        per_token = kk.block_bytes(head_dim) * kv_heads // kk.BLOCK_TOKENS
+        assert per_token == kv_bytes_per_token(head_dim, kv_heads)
+        assert per_token <= 0.3 * 2 * kv_heads * head_dim * 2
+
+
+def _encoded(shape, gen, scale=1.0):
+    x = (torch.randn(shape, generator=gen) * scale).half()
+    return x, encode_kv(x)
+
+
+@pytest.mark.parametrize("head_dim", kk.HEAD_DIMS)
+def test_paged_layout_round_trips_ragged_growing_sequences(head_dim):
+    """append_quantized -> k_quantized / v_quantized gives back encode_kv of each sequence's
+    rows, with sequences grown in interleaved steps through a pool smaller than batch x capacity
+    (so their blocks interleave), and no block held by two sequences."""
+    gen = torch.Generator().manual_seed(head_dim)
+    B, H, cap = 3, 2, 96
+    cache = kk.QuantizedKVCache(B, H, head_dim, cap, device="cpu", num_blocks=24)
+    rows = [[[], []] for _ in range(B)]
+    for counts in ([5, 0, 20], [16, 33, 1], [0, 14, 30], [40, 1, 16]):
+        T = max(counts)
+        (k, kq), (v, vq) = _encoded((B, H, T, head_dim), gen), _encoded((B, H, T, head_dim), gen)
+        cache.append_quantized(kq, vq, counts)
+        for b, n in enumerate(counts):
+            rows[b][0].append(k[b, :, :n])
+            rows[b][1].append(v[b, :, :n])
+    assert cache.host_lengths.tolist() == [61, 48, 67]
+    assert cache.lengths.tolist() == [61, 48, 67]
+    held = [cache.host_table[b, h, :cache.blocks_held[b]] for b in range(B) for h in range(H)]
+    assert [len(h) for h in held] == [4, 4, 3, 3, 5, 5]
+    assert len(set(np.concatenate(held).tolist())) == 24  # every block once
+    assert any((np.diff(h) != 1).any() for h in held)  # really interleaved
+    for b in range(B):
+        for which, parts in zip("kv", rows[b]):
+            expect = encode_kv(torch.cat(parts, dim=1))
+            got = getattr(cache, f"{which}_quantized")(b)
+            for field in ("codes", "scales", "zeros"):
+                assert torch.equal(getattr(got, field), getattr(expect, field)), (b, which, field)
+    k_codes, k_params, v_codes, v_params = kk.to_contiguous(cache)
+    assert k_codes.shape == (B, H, cap, head_dim // 2) and v_params.shape == (B, H, cap)
+    for b in range(B):
+        n = int(cache.host_lengths[b])
+        got = kk._kv_quantized(v_codes[b, :, :n], v_params[b, :, :n], 4)
+        expect = cache.v_quantized(b)
+        assert torch.equal(got.codes, expect.codes) and torch.equal(got.zeros, expect.zeros)
+
+
+def test_pool_exhaustion_is_refused_and_release_recycles_blocks():
+    gen = torch.Generator().manual_seed(3)
+    cache = kk.QuantizedKVCache(2, 1, 64, 64, device="cpu", num_blocks=3)
+    _, q = _encoded((2, 1, 32, 64), gen)
+    cache.append_quantized(q, q, [32, 16])
+    with pytest.raises(ValueError, match="num_blocks=3"):
+        cache.append_quantized(q, q, [0, 17])  # needs 2 blocks, 0 free
+    assert cache.host_lengths.tolist() == [32, 16]  # a refused append changes nothing
+    cache.release(0)
+    assert cache.free_blocks() == 2 and cache.lengths.tolist() == [0, 16]
+    cache.append_quantized(q, q, [0, 17])
+    assert cache.host_table[1, 0, :3].tolist() == [2, 0, 1]
+    with pytest.raises(ValueError, match="capacity=64"):
+        cache.append_quantized(q, q, [0, 32])
+
+
+def test_poison_unused_leaves_every_cached_token_alone():
+    gen = torch.Generator().manual_seed(4)
+    cache = kk.QuantizedKVCache(3, 2, 64, 64, device="cpu")
+    (_, kq), (_, vq) = _encoded((3, 2, 40, 64), gen), _encoded((3, 2, 40, 64), gen)
+    cache.append_quantized(kq, vq, [7, 32, 0])
+    before = [(cache.k_quantized(b), cache.v_quantized(b)) for b in range(3)]
+    cache.poison_unused(gen)
+    for b in range(3):
+        for got, expect in zip((cache.k_quantized(b), cache.v_quantized(b)), before[b]):
+            assert torch.equal(got.codes, expect.codes) and torch.equal(got.scales, expect.scales)
+    k_codes, k_params, _, v_params = kk.to_contiguous(cache)
+    scales = k_params.view(torch.float16).unflatten(-1, (-1, 2))[..., 0]
+    assert scales[0, :, 7:].isnan().all() and scales[1, :, 32:].isnan().all()
+    assert scales[2].isnan().all() and not scales[0, :, :7].isnan().any()
+
+
+def test_paged_decode_refuses_a_wrong_pool():
+    q = torch.zeros(1, 8, 128, dtype=torch.float16)
+    table = torch.zeros(1, 8, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="block of 2000 bytes"):
+        kk.decode_attention_paged(q, torch.zeros(32, 2000, dtype=torch.uint8), table,
+                                  torch.zeros(1, dtype=torch.int32), 1)
+    with pytest.raises(ValueError, match="block_table"):
+        kk.decode_attention_paged(q, torch.zeros(32, 2176, dtype=torch.uint8), table.long(),
+                                  torch.zeros(1, dtype=torch.int32), 1)
+
+
 def test_reference_is_exact_attention_without_quantization():
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 64, generator=g).half()
@@ -128,24 +229,31 @@ def _rand(shape, scale=1.0, gen=None):
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("bits, clip", [(4, 1.0), (4, 0.9), (3, 1.0)])
 def test_append_writes_exactly_encode_kv(head_dim, bits, clip):
+    """The kernel's pool equals, byte for byte, the pool append_quantized builds from encode_kv
+    (ragged prefill, then single tokens, sequences sharing a pool smaller than batch x capacity)."""
     gen = torch.Generator().manual_seed(head_dim + bits)
     B, H, T = 3, 2, 24
-    cache = kk.QuantizedKVCache(B, H, head_dim, capacity=48, bits=bits, clip=clip)
+    caches = [kk.QuantizedKVCache(B, H, head_dim, capacity=48, bits=bits, clip=clip,
+                                  device=dev, num_blocks=12) for dev in ("cuda", "cpu")]
     k0, v0 = _rand((B, H, T, head_dim), 3.0, gen), _rand((B, H, T, head_dim), 0.5, gen)
     k0[0, 0, 1] = 0.25          # a constant row: the scale clamps to 1e-5
     k0[1, 1, 2, :7] = 60000.0   # a row with a huge range
     counts = [5, 0, 24]
-    cache.append(k0.cuda(), v0.cuda(), counts)
-    steps = [(_rand((B, H, head_dim), 2.0, gen), _rand((B, H, head_dim), 2.0, gen)) for _ in range(2)]
-    for k1, v1 in steps:
-        cache.append(k1.cuda(), v1.cuda())
+    steps = [(k0, v0, counts)] + [(_rand((B, H, 1, head_dim), 2.0, gen),
+                                   _rand((B, H, 1, head_dim), 2.0, gen), None) for _ in range(12)]
+    for k, v, n in steps:
+        caches[0].append(k.cuda(), v.cuda(), n)
+        caches[1].append_quantized(encode_kv(k, bits, 0, clip), encode_kv(v, bits, 0, clip), n)
     torch.cuda.synchronize()
-    assert cache.lengths.tolist() == [n + 2 for n in counts]
+    assert caches[0].lengths.tolist() == [n + 12 for n in counts]
+    assert np.array_equal(caches[0].host_table, caches[1].host_table)
+    assert torch.equal(caches[0].pool.cpu(), caches[1].pool)
     for b, n in enumerate(counts):
-        for which, first, new in (("k", k0, [s[0] for s in steps]), ("v", v0, [s[1] for s in steps])):
-            rows = torch.cat([first[b, :, :n]] + [t[b].unsqueeze(1) for t in new], dim=1)
+        for which, first, new in (("k", k0, [s[0] for s in steps[1:]]),
+                                  ("v", v0, [s[1] for s in steps[1:]])):
+            rows = torch.cat([first[b, :, :n]] + [t[b] for t in new], dim=1)
             expect = encode_kv(rows, bits, 0, clip)
-            got = getattr(cache, f"{which}_quantized")(b)
+            got = getattr(caches[0], f"{which}_quantized")(b)
             assert torch.equal(got.codes.cpu(), expect.codes), (which, b)
             assert torch.equal(got.scales.cpu(), expect.scales), (which, b)
             assert torch.equal(got.zeros.cpu(), expect.zeros), (which, b)
@@ -162,32 +270,53 @@ def test_append_refuses_overflow_and_bad_shapes():
         cache.append(x[:, :1], x[:, :1])
 
 
-def _filled_cache(B, Hkv, D, lengths, gen, capacity=None):
+def _filled_cache(B, Hkv, D, lengths, gen, capacity=None, steps=1):
+    """A cache holding random K/V of the given lengths, appended in `steps` interleaved rounds
+    (so with steps > 1 the sequences' blocks interleave in the pool)."""
     cap = capacity or -(-max(lengths) // 16) * 16
     k = _rand((B, Hkv, cap, D), 1.0, gen)
     v = _rand((B, Hkv, cap, D), 1.0, gen)
     cache = kk.QuantizedKVCache(B, Hkv, D, cap)
-    cache.append(k.cuda(), v.cuda(), lengths)
+    done = [0] * B
+    for i in range(steps):
+        want = [n * (i + 1) // steps for n in lengths]
+        counts = [w - d for w, d in zip(want, done)]
+        T = max(max(counts), 1)
+        idx = [torch.arange(d, d + T).clamp(max=cap - 1) for d in done]
+        kt = torch.stack([k[b][:, idx[b]] for b in range(B)])
+        vt = torch.stack([v[b][:, idx[b]] for b in range(B)])
+        cache.append(kt.cuda(), vt.cuda(), counts)
+        done = want
     return cache, k, v
+
+
+def _attend(cache, q, plan, out):
+    """Decode on the paged cache, or with an old-layout build on its contiguous copy."""
+    if plan is None or plan.kernel in kk._FAMILY["kv4p"]:
+        return cache.attend(q, plan=plan, out=out)
+    return kk.decode_attention_kv4(q, *kk.to_contiguous(cache), cache.lengths,
+                                   int(cache.host_lengths.max()), plan=plan, out=out)
 
 
 @gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("kv_heads, group", [(2, 1), (2, 3), (1, 4), (2, 8), (1, 12)])
-@pytest.mark.parametrize("chunk, build", [(None, ""), (64, "kv4"), (1024, "kv4"), (256, "kv4w8"),
+@pytest.mark.parametrize("chunk, build", [(None, ""), (64, "kv4p"), (1024, "kv4p"),
+                                          (256, "kv4pw8"), (1024, "kv4pw8"), (64, "kv4"),
                                           (1024, "kv4w8"), (128, "kv4s6"), (256, "kv4v3")])
 def test_decode_kv4_matches_reference(head_dim, kv_heads, group, chunk, build):
-    """Planned, many partitions, one partition, for each build (round 2's two, round 1's)."""
+    """Planned, many partitions, one partition, for each paged build and each build of the
+    contiguous layout (rounds 1-3), the sequences' blocks interleaved in the pool."""
     gen = torch.Generator().manual_seed(head_dim * 100 + kv_heads * 10 + group)
     lengths = [1, 17, 300, 1000]
     B = len(lengths)
-    cache, k, v = _filled_cache(B, kv_heads, head_dim, lengths, gen)
+    cache, k, v = _filled_cache(B, kv_heads, head_dim, lengths, gen, steps=3)
     q = _rand((B, kv_heads * group, head_dim), 2.0, gen)  # peaked softmax, not uniform
     ref = kk.reference_decode_attention(q, k, v, lengths)
     plan = None if chunk is None else kk.SplitPlan(-(-max(lengths) // chunk), chunk, build)
     for _ in range(2):  # twice: the split-K tickets must reset themselves
         out = torch.full_like(q, float("nan")).cuda()
-        cache.attend(q.cuda(), plan=plan, out=out)
+        _attend(cache, q.cuda(), plan, out)
         torch.cuda.synchronize()
         out = out.cpu()
         assert torch.isfinite(out).all()
@@ -196,26 +325,25 @@ def test_decode_kv4_matches_reference(head_dim, kv_heads, group, chunk, build):
 
 
 @gpu
-@pytest.mark.parametrize("build", ["kv4", "kv4w8"])
+@pytest.mark.parametrize("build", ["kv4p", "kv4pw8", "kv4", "kv4w8"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_decode_ignores_what_lies_past_the_length(build, head_dim):
-    """The first tiles are read before the kernel knows the length: rows past it (random codes,
-    NaN scales and zeros) must not reach the output, whatever the partition boundaries."""
+    """The first tiles are read before the kernel knows the length: slots past it (random codes,
+    NaN scales and zeros), in the last block and in the blocks unused table entries point at,
+    must not reach the output, whatever the partition boundaries."""
     gen = torch.Generator().manual_seed(31 + head_dim)
     lengths = [5, 16, 47, 200]
-    cache, k, v = _filled_cache(len(lengths), 2, head_dim, lengths, gen, capacity=256)
-    nan_word = 0x7E007E00  # fp16 NaN in both halves (a positive int32)
-    for b, n in enumerate(lengths):
-        for codes in (cache.k_codes, cache.v_codes):
-            codes[b, :, n:] = torch.randint(0, 256, codes[b, :, n:].shape, dtype=torch.uint8,
-                                            generator=gen).cuda()
-        cache.k_params[b, :, n:] = nan_word
-        cache.v_params[b, :, n:] = nan_word
-    q = _rand((len(lengths), 8, head_dim), 2.0, gen)
+    B = len(lengths)
+    k = _rand((B, 2, 256, head_dim), 1.0, gen)
+    v = _rand((B, 2, 256, head_dim), 1.0, gen)
+    cache = kk.QuantizedKVCache(B, 2, head_dim, 256)
+    cache.append(k.cuda(), v.cuda(), lengths)
+    cache.poison_unused(gen)
+    q = _rand((B, 8, head_dim), 2.0, gen)
     ref = kk.reference_decode_attention(q, k, v, lengths)
     for chunk in (64, 128, 256):
         out = torch.full_like(q, float("nan")).cuda()
-        cache.attend(q.cuda(), plan=kk.SplitPlan(-(-256 // chunk), chunk, build), out=out)
+        _attend(cache, q.cuda(), kk.SplitPlan(-(-256 // chunk), chunk, build), out)
         torch.cuda.synchronize()
         assert torch.isfinite(out).all(), chunk
         assert _rel(out.cpu(), ref) < 2e-3, chunk
