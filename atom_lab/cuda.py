@@ -7,7 +7,9 @@ import time.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import re
 from pathlib import Path
 
 KERNELS_ENV = "ATOM_LAB_KERNELS"
@@ -69,7 +71,19 @@ def load_module(name: str, options: tuple[str, ...] = ()):
     major, minor = compute_capability()
     arch = f"--gpu-architecture=sm_{major}{minor}{'a' if major >= 9 else ''}"
     opts = DEFAULT_OPTIONS + (arch, f"-I{kernels_dir()}") + tuple(options)
-    return cupy.RawModule(code=path.read_text(), options=opts, name_expressions=None)
+    return cupy.RawModule(code=source_with_header_digest(path), options=opts, name_expressions=None)
+
+
+def source_with_header_digest(path: Path) -> str:
+    """The source plus a comment hashing its local headers: CuPy's on-disk cache is keyed on the
+    source text alone, so without it an edited kernels/*.cuh would reuse a stale binary."""
+    code = path.read_text()
+    digest = hashlib.sha256()
+    for name in sorted(set(re.findall(r'^\s*#include\s+"([^"]+)"', code, flags=re.M))):
+        header = path.parent / name
+        if header.is_file():
+            digest.update(name.encode() + b"\0" + header.read_bytes())
+    return code + f"\n// local headers sha256 {digest.hexdigest()}\n"
 
 
 def get_kernel(module: str, function: str, options: tuple[str, ...] = ()):

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atom_lab import kv_kernels as kk  # noqa: E402
+from gpu_timing import time_graph  # noqa: E402  (experiments/ is on sys.path as the script folder)
 from atom_lab.formats import encode_kv, kv_bytes_per_token  # noqa: E402
 
 HEAD_DIM = 128
@@ -119,53 +120,8 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
 
 def time_calls(fns, target_ms: float = 20.0, replays: int = 7) -> tuple[float, str, float]:
     """Median seconds per call of fns (called round-robin), inside a CUDA graph when possible."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for f in fns:
-        f()
-    e1.record()
-    e1.synchronize()
-    pass_ms = max(e0.elapsed_time(e1), 1e-3)
-    reps = max(1, min(math.ceil(target_ms / pass_ms), max(1, 3000 // len(fns))))
-    calls = reps * len(fns)
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for f in fns:
-                f()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                for f in fns:
-                    f()
-        run, mode = graph.replay, "graph"
-    except Exception as exc:  # capture unsupported: time plain launches
-        log(f"    graph capture failed ({type(exc).__name__}: {exc}); timing plain launches")
-        torch.cuda.synchronize()
-        graph = None
-
-        def run():
-            for _ in range(reps):
-                for f in fns:
-                    f()
-        mode = "stream"
-    run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        e0.record()
-        run()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) / 1e3 / calls)
-    del graph
-    med = statistics.median(times)
-    return med, mode, (max(times) - min(times)) / med
+    t = time_graph(fns, target_ms, replays, max_calls=3000, fallback=True, log=log)
+    return t.seconds, t.mode, t.spread
 
 
 # ------------------------------------------------------------------------------------------------

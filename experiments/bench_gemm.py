@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atom_lab import kernel_ops as ko  # noqa: E402
+from gpu_timing import time_graph  # noqa: E402  (experiments/ is on sys.path as the script folder)
 from atom_lab.formats import MixedQuantized, decode_mixed, encode_mixed  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288)]
@@ -223,39 +224,8 @@ def timed(calls, min_batch_ms: float = 3.0) -> float:
 
 def timed_graph(calls, target_ms: float = 8.0) -> float:
     """Median GPU microseconds of one call from replays of one captured CUDA graph that holds
-    `reps` passes over calls (cycled: inputs rotate); warm-up first, outside the capture."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for c in calls:
-        c()
-    end.record()
-    end.synchronize()
-    reps = int(min(max(target_ms / max(start.elapsed_time(end), 1e-3), 1), max(1, 2000 // len(calls))))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # torch's recipe: a side-stream warm-up before capture
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            for c in calls:
-                c()
-    graph.replay()
-    torch.cuda.synchronize()
-    results = []
-    for _ in range(TRIALS):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        results.append(start.elapsed_time(end) / (reps * len(calls)))
-    del graph
-    return statistics.median(results) * 1e3
+    repeated passes over calls (cycled: inputs rotate); warm-up first, outside the capture."""
+    return time_graph(calls, target_ms, TRIALS).seconds * 1e6
 
 
 def copies(nbytes: float) -> int:

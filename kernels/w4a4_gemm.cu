@@ -27,24 +27,10 @@
 // k a multiple of 16 (<= 256), N even, 16-byte aligned rows.
 #include <cuda_fp16.h>
 
+#include "w4a4_common.cuh"  // unpack, shared-memory address, cp.async, mbarrier helpers
+
 #include "gemv_timeline.cuh"  // debug timeline (-DGEMV_TIMELINE) of the skinny kernel
 
-#define MAGIC_I 0x4B400000
-#define MAGIC_F 12582912.0f
-#define UNPACK_MASK 0xF0F0F0F0u
-
-__device__ __forceinline__ unsigned evens(unsigned w) { return (w << 4) & UNPACK_MASK; }
-__device__ __forceinline__ unsigned odds(unsigned w) { return w & UNPACK_MASK; }
-
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-    return (unsigned)__cvta_generic_to_shared(p);
-}
-
-__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                 "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
@@ -131,7 +117,7 @@ __device__ __forceinline__ void load_rows(unsigned char* dst, const unsigned cha
         const int r = i >> 2, c = i & 3;
         const bool valid = row0 + r < nrows && off + c * 16 < limit;
         const unsigned char* src = valid ? base + (row0 + r) * stride + off + c * 16 : base;
-        cp_async16(smem_addr(dst + swz(r, c)), src, valid);
+        cp_async16(smem_u32(dst + swz(r, c)), src, valid);
     }
 }
 
@@ -240,12 +226,12 @@ __device__ void gemm_tc(GEMM_ARGS) {
 #pragma unroll
             for (int mt = 0; mt < 4; ++mt) {
                 const int row = wm * 64 + mt * 16 + (lane & 15);
-                ldmatrix_x4(smem_addr(tA + swz(row, 2 * h + (lane >> 4))), pa[h][mt]);
+                ldmatrix_x4(smem_u32(tA + swz(row, 2 * h + (lane >> 4))), pa[h][mt]);
             }
 #pragma unroll
             for (int np = 0; np < 2; ++np) {
                 const int row = wn * 32 + np * 16 + (lane & 7) + ((lane >> 4) << 3);
-                ldmatrix_x4(smem_addr(tB + swz(row, 2 * h + ((lane >> 3) & 1))), pb[h][np]);
+                ldmatrix_x4(smem_u32(tB + swz(row, 2 * h + ((lane >> 3) & 1))), pb[h][np]);
             }
         };
         if (V2) {
@@ -344,17 +330,6 @@ __device__ void gemm_tc(GEMM_ARGS) {
 // 16-byte vector for G = 128); its word j feeds k32 step j. A and W use the same assignment.
 // ---------------------------------------------------------------------------------------------
 #define SK_WARPS 8
-
-template <int WORDS>
-__device__ __forceinline__ void load_words(const unsigned char* p, bool valid, unsigned (&w)[WORDS]) {
-    if constexpr (WORDS == 4) {
-        const uint4 v = valid ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
-        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
-    } else {
-        const uint2 v = valid ? __ldg(reinterpret_cast<const uint2*>(p)) : make_uint2(0, 0);
-        w[0] = v.x; w[1] = v.y;
-    }
-}
 
 template <int MT, int NT, int G>
 struct SkinnyGroup {
@@ -584,13 +559,13 @@ __device__ void gemm_skinny_ring(GEMM_ARGS) {
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     const long long m = m0 + mt * 16 + r + 8 * h;
-                    cp_async_bytes(smem_addr(slot(stage, 2 * mt + h)),
+                    cp_async_bytes(smem_u32(slot(stage, 2 * mt + h)),
                                    a_codes + (m < M ? m : 0) * kb + off, m < M, VEC);
                 }
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
                 const long long n = n0 + nt * 8 + r;
-                cp_async_bytes(smem_addr(slot(stage, 2 * MT + nt)),
+                cp_async_bytes(smem_u32(slot(stage, 2 * MT + nt)),
                                w_codes + (n < N ? n : 0) * kb + off, n < N, VEC);
             }
         }

@@ -38,6 +38,8 @@
 // kernels further down (the producer also stages the activation tile; 2 or 3 consumer WGs).
 #include <cuda_fp16.h>
 
+#include "w4a4_common.cuh"  // unpack, shared-memory address, cp.async, mbarrier helpers
+
 #define WG_THREADS 128
 #define TILE_M 128
 #define TILE_N 128
@@ -55,33 +57,14 @@
 // setmaxnreg moves registers inside the CTA's pool (launch: 384 x 168): 128 x 128 freed = 256 x 64
 #define PRODUCER_REGS 40
 #define CONSUMER_REGS 232
-#define UNPACK_MASK 0xF0F0F0F0u
-
-__device__ __forceinline__ unsigned evens(unsigned w) { return (w << 4) & UNPACK_MASK; }
-__device__ __forceinline__ unsigned odds(unsigned w) { return w & UNPACK_MASK; }
-
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    return (unsigned)__cvta_generic_to_shared(p);
-}
 
 // ------------------------------------------------------------------------ async copy, barriers
 
-__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                 "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(unsigned bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
 __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
     unsigned done;
     do {
@@ -455,7 +438,6 @@ __device__ __forceinline__ void load_outlier_frags(const signed char* __restrict
             }
 }
 
-
 // Activation scales wait in AStage as fp16 and are converted at the unpack, a stage after their
 // load (round 3 converted at the load, so the conversion waited for the load every stage;
 // -DWG_EAGER_SCALE restores that for comparison).
@@ -593,7 +575,6 @@ __device__ void consume(GEMM_ARGS, const Smem& sm, int Tn, int T, int wg) {
 
     epilogue(GEMM_PASS, acc, [&](int i) { return x[i]; }, e, m, valid, t4, blockIdx.x * TILE_N);
 }
-
 
 // ------------------------------------------------------------------- pipelined consumers (v3)
 // The tile's 128 columns as two halves with their own INT32 sums (x0, x1: the same 64 registers

@@ -25,31 +25,17 @@
 // 16-byte aligned operands, (K - k) / G <= 15 * GPW groups, k <= 256, and two slots that fit.
 #include <cuda_fp16.h>
 
+#include "w4a4_common.cuh"  // unpack, shared-memory address, cp.async, mbarrier helpers
+
 #include "gemv_timeline.cuh"
 #include "pdl.cuh"
 
-#define MAGIC_I 0x4B400000
-#define MAGIC_F 12582912.0f
-#define UNPACK_MASK 0xF0F0F0F0u
 #define CONSUMERS 15  // + 1 producer = 16 warps: 4 a scheduler, so 128 registers a thread
 #define GEMV_THREADS (32 * (CONSUMERS + 1))
 #define BARRIER_BYTES 256  // full[S] and empty[S] mbarriers, S <= 16
 #define PARTIAL_BYTES (CONSUMERS * 32 * 16)  // one float4 a consumer lane, a slot
 
-__device__ __forceinline__ unsigned evens(unsigned w) { return (w << 4) & UNPACK_MASK; }
-__device__ __forceinline__ unsigned odds(unsigned w) { return w & UNPACK_MASK; }
-
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    return (unsigned)__cvta_generic_to_shared(p);
-}
-
 // ------------------------------------------------------------------------------- mbarrier, bulk
-__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(unsigned bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
 __device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
                  : "memory");
@@ -87,17 +73,6 @@ __device__ __forceinline__ void mma_s8_start(int (&d)[4], unsigned a0, unsigned 
         "{%10,%10,%10,%10};\n"
         : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(MAGIC_I));
-}
-
-template <int WORDS>
-__device__ __forceinline__ void load_words(const unsigned char* p, bool valid, unsigned (&w)[WORDS]) {
-    if constexpr (WORDS == 4) {
-        const uint4 v = valid ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
-        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
-    } else {
-        const uint2 v = valid ? __ldg(reinterpret_cast<const uint2*>(p)) : make_uint2(0, 0);
-        w[0] = v.x; w[1] = v.y;
-    }
 }
 
 template <int WORDS>

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from atom_lab import kernel_ops as ko
-from atom_lab.cuda import KernelBackendUnavailable, kernel_backend_available
+from atom_lab.cuda import (KernelBackendUnavailable, kernel_backend_available,
+                            kernels_dir, source_with_header_digest)
 from atom_lab.formats import MixedQuantized, decode_mixed, encode_mixed
 
 gpu = pytest.mark.skipif(not kernel_backend_available(), reason="needs CuPy and a CUDA GPU")
@@ -86,6 +87,17 @@ def test_fp16_quotients_need_one_residual_step():
         assert torch.equal(q1, exact), f"one-step quotient differs at 2^{shift}"
         bad_plain += int((torch.round(q0) != torch.round(exact)).sum())
     assert bad_plain > 0
+
+
+def test_compile_cache_key_follows_the_local_headers(tmp_path):
+    (tmp_path / "helpers.cuh").write_text("#define SCALE 1\n")
+    (tmp_path / "k.cu").write_text('#include "helpers.cuh"\nextern "C" __global__ void k() {}\n')
+    before = source_with_header_digest(tmp_path / "k.cu")
+    (tmp_path / "helpers.cuh").write_text("#define SCALE 2\n")
+    after = source_with_header_digest(tmp_path / "k.cu")
+    assert before != after and before.startswith((tmp_path / "k.cu").read_text())
+    for name in ("w4a4_gemm", "w4a4_gemm_sm90", "w4a4_gemv"):  # the shared helpers are hashed
+        assert '#include "w4a4_common.cuh"' in (kernels_dir() / f"{name}.cu").read_text()
 
 
 def test_dispatch_covers_every_m():
