@@ -8,8 +8,9 @@ accumulates, per input channel, over all calibration tokens:
   abs_mean  mean of |x|
   abs_max   max of |x|
 Results are float32 CPU tensors, cached on disk (torch.save) under a key derived from the model
-id, the data file hash, N, L, the seed, the windows themselves and a fingerprint of the weights
-(so a fine-tuned or re-exported checkpoint under the same name never reuses stale statistics).
+id, the data file hash, N, L, the seed, the windows themselves and a fingerprint of the weights,
+so another checkpoint under the same name does not reuse stale statistics (the fingerprint hashes
+an evenly strided sample of every tensor: an edit of a few isolated weights can go unnoticed).
 """
 from __future__ import annotations
 

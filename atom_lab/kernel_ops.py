@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import warnings
 
 import numpy as np
 import torch
@@ -95,7 +96,6 @@ WG_VARIANTS = {"wg_m128": (128, 128, 384), "wgs_m128": (128, 128, 384),
                "wgp_m128": (128, 128, 384), "wgp3_m192": (192, 128, 512)}
 WG_DEFAULT = "wg1_m128"  # choose_gemm_variant's wgmma kernel
 GEMM_VARIANTS.update(WG_VARIANTS)
-GEMM_MODULES = {v: "w4a4_gemm_sm90" for v in WG_VARIANTS}  # others: "w4a4_gemm"
 WG_STAGES, WG_RING, WG_STAGE_K = 8, 4, 128  # as STAGES, RING, STAGE_K in the .cu file
 # round-3 family: variant -> (unpacked stages, producer ring, consumer activation ring), as DEFINE_WG
 WG_LAYOUT = {"wg_m128": (WG_STAGES, WG_RING, 0), "wgs_m128": (WG_STAGES, WG_RING, 0),
@@ -363,27 +363,48 @@ def _quantize(kind: str, x, up, norm_weight, eps, k_outliers, bits, group_size, 
             np.int32(k_outliers), np.float32(clip), np.int32(qmax), _ptr(out.normal),
             _ptr(out.normal_scales), _ptr(out.outlier), _ptr(out.outlier_scales))
     name = f"{kind}_g{group_size}"
-    if variant == "auto":
-        variant = choose_quant_variant(m, k_total)
+    variant, smem = fit_quant_variant(variant, m, kn, k_total, up is not None)
     if variant == "row":
-        _launch("quantize", name, (m,), (QUANT_THREADS,), args, 2 * k_total, rows.device)
+        _launch("quantize", name, (m,), (QUANT_THREADS,), args, smem, rows.device)
         return out
     if variant in WIDE_BUFFERS:
-        tasks = -(-kn // WIDE_COLS)
-        smem = (4 * (tasks * WIDE_COLS + 256)
-                + WIDE_BUFFERS[variant] * 2 * k_total * (2 if up is not None else 1))
         capacity = _resident_blocks("quantize", f"{name}_{variant}", smem, QUANT_THREADS,
                                     QUANT_VARIANTS[variant], rows.device)
         rows_per_block = -(-m // capacity)  # balanced: every block takes the same number of rows
         _launch("quantize", f"{name}_{variant}", (-(-m // rows_per_block),), (QUANT_THREADS,),
                 args + (np.int32(m),), smem, rows.device)
         return out
-    smem = 2 * 2 * k_total * (2 if up is not None else 1)  # two buffers of the row (gate and up)
     grid = min(m, _resident_blocks("quantize", f"{name}_ring", smem, QUANT_THREADS,
                                    QUANT_VARIANTS[variant], rows.device))
     _launch("quantize", f"{name}_ring", (grid,), (QUANT_THREADS,), args + (np.int32(m),), smem,
             rows.device)
     return out
+
+
+def fit_quant_variant(variant: str, m: int, kn: int, k_total: int, fused_up: bool) -> tuple[str, int]:
+    """(variant, shared-memory bytes): "auto" resolved, falling back to "row" where the staged rows
+    of the chosen kernel do not fit a SM (e.g. SiLU*up at K = 28672); an explicit variant that
+    does not fit is refused."""
+    auto = variant == "auto"
+    if auto:
+        variant = choose_quant_variant(m, k_total)
+    smem = quant_smem_bytes(variant, kn, k_total, fused_up)
+    if smem + 1024 <= SMEM_PER_SM:
+        return variant, smem
+    if not auto:
+        raise KernelShapeError(f"variant={variant} with K={k_total} needs {smem} bytes of shared "
+                               f"memory (> {SMEM_PER_SM - 1024}); use variant='row'")
+    return "row", quant_smem_bytes("row", kn, k_total, fused_up)
+
+
+def quant_smem_bytes(variant: str, kn: int, k_total: int, fused_up: bool) -> int:
+    """Dynamic shared memory of a quantize kernel for rows of k_total fp16 (kn normal columns)."""
+    row_bytes = 2 * k_total * (2 if fused_up else 1)  # gate and up rows of SiLU*up
+    if variant == "row":
+        return 2 * k_total
+    if variant in WIDE_BUFFERS:  # gather offsets of every task + staged rows
+        return 4 * (-(-kn // WIDE_COLS) * WIDE_COLS + 256) + WIDE_BUFFERS[variant] * row_bytes
+    return 2 * row_bytes  # ring: two staged rows
 
 
 def _resident_blocks(module: str, name: str, smem: int, threads: int, cap: int, device) -> int:
@@ -464,7 +485,8 @@ def mixed_gemm(a: MixedQuantized, w: MixedQuantized, bias: torch.Tensor | None =
 
     static_weights=True promises that the kernel launched just before this call did not write w
     (true of a model's weights): "auto" may then pick a "_pdl" variant, which reads the weights
-    while that kernel is still running. Without the promise "auto" launches plainly."""
+    while that kernel is still running. Without the promise "auto" launches plainly; naming a
+    "_pdl" variant explicitly makes the same promise."""
     require_kernel_backend()
     m, n, kn, k = check_gemm_operands(a, w)
     auto = variant == "auto"
@@ -474,13 +496,8 @@ def mixed_gemm(a: MixedQuantized, w: MixedQuantized, bias: torch.Tensor | None =
         raise ValueError(f"variant={variant!r}: allowed 'auto' or {sorted(GEMM_VARIANTS)}")
     tensors = [a.normal, a.normal_scales, a.outlier, a.outlier_scales,
                w.normal, w.normal_scales, w.outlier, w.outlier_scales]
-    if variant in GEMV_VARIANTS:
-        try:
-            gemv_slots = gemv_plan(variant, kn, k, a.group_size, tensors)
-        except KernelShapeError:
-            if not auto:
-                raise
-            variant = "skinny_m16n16"
+    if variant in GEMV_VARIANTS:  # explicit only: "auto" never picks a gemv variant
+        gemv_slots = gemv_plan(variant, kn, k, a.group_size, tensors)
     if variant in STREAM_VARIANTS:
         variant = stream_or_fallback(variant, kn // a.group_size, tensors, auto)
     for i, t in enumerate(tensors):
@@ -518,7 +535,7 @@ def mixed_gemm(a: MixedQuantized, w: MixedQuantized, bias: torch.Tensor | None =
     if variant in WG_VARIANTS:
         launch_wgmma(variant, a.group_size, m, n, kn, args, dev)
         return y
-    _launch(GEMM_MODULES.get(variant, "w4a4_gemm"), f"w4a4_gemm_{variant}_g{a.group_size}", grid,
+    _launch("w4a4_gemm", f"w4a4_gemm_{variant}_g{a.group_size}", grid,
             (threads,), args, smem, dev)
     return y
 
@@ -628,6 +645,9 @@ def stream_token_bytes(variant: str, group_size: int) -> int:
     return 2 * tiles * STREAM_GROUPS * 32 * STREAM_WARPS * (group_size // 8)
 
 
+_PDL_FAILED = False
+
+
 def _launch_stream(variant: str, group_size: int, grid, args, dev) -> None:
     """stream: a CTA a 16-row weight tile and token tile. streamt: a persistent row of CTAs a token
     tile, as few as give every CTA the same number of tiles within STREAM_CTAS_PER_SM a SM. The
@@ -639,10 +659,15 @@ def _launch_stream(variant: str, group_size: int, grid, args, dev) -> None:
         slots = STREAM_CTAS_PER_SM * torch.cuda.get_device_properties(index).multi_processor_count
         per_cta = -(-grid[0] // slots)
         grid, smem = (-(-grid[0] // per_cta), grid[1]), stream_token_bytes(variant, group_size)
-    if variant.endswith("_pdl"):
-        launch_pdl(_kernel("w4a4_gemv", name, smem), grid, (threads,), args, smem, dev)
-    else:
-        _launch("w4a4_gemv", name, grid, (threads,), args, smem, dev)
+    global _PDL_FAILED
+    if variant.endswith("_pdl") and not _PDL_FAILED:
+        try:
+            launch_pdl(_kernel("w4a4_gemv", name, smem), grid, (threads,), args, smem, dev)
+            return
+        except RuntimeError as exc:  # e.g. a driver without programmatic serialization
+            _PDL_FAILED = True
+            warnings.warn(f"early-start (PDL) launch failed ({exc}); launching plainly from now on")
+    _launch("w4a4_gemv", name, grid, (threads,), args, smem, dev)
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute (cuda.h): id, padding, 64-byte union

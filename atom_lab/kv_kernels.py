@@ -305,7 +305,13 @@ def decode_attention_paged(q, pool, block_table, lengths, max_len: int,
     if block_table.dim() != 3 or block_table.dtype != torch.int32:
         raise ValueError(f"block_table: expected int32 [batch, kv_heads, max_blocks], got "
                          f"{block_table.dtype} {tuple(block_table.shape)}")
+    for name, t in (("pool", pool), ("block_table", block_table), ("lengths", lengths)):
+        if t.device != q.device or not t.is_contiguous():
+            raise ValueError(f"{name}: must be a contiguous tensor on q's device {q.device}, got "
+                             f"{t.device}, contiguous={t.is_contiguous()}")
     B, Hkv, max_blocks = block_table.shape
+    if lengths.dtype != torch.int32 or tuple(lengths.shape) != (B,):
+        raise ValueError(f"lengths: expected int32 [{B}], got {lengths.dtype} {tuple(lengths.shape)}")
     return _decode("kv4p", q, (pool, block_table), lengths, max_len, B, Hkv,
                    max_blocks * BLOCK_TOKENS, max_blocks, D, softmax_scale, plan, out,
                    tuple(compile_options))
@@ -343,6 +349,8 @@ def _decode(family, q, sources, lengths, max_len, B, Hkv, cap, extent, D, softma
     if q.dim() != 3 or q.shape[0] != B or q.shape[2] != D or q.dtype != torch.float16:
         raise ValueError(f"q: expected fp16 [batch={B}, q_heads, head_dim={D}], "
                          f"got {q.dtype} {tuple(q.shape)}")
+    if not q.is_cuda:
+        raise ValueError(f"q: the kernels need CUDA tensors, got q on {q.device}")
     if not 0 <= max_len <= cap:
         raise ValueError(f"max_len={max_len}: must lie in 0..capacity={cap}")
     group = check_heads(q.shape[1], Hkv)
@@ -457,7 +465,8 @@ class QuantizedKVCache:
             b = int(np.argmax(new_lengths > self.capacity))
             raise ValueError(f"append of {int(host_counts[b])} tokens to sequence {b} of length "
                              f"{int(self.host_lengths[b])} exceeds capacity={self.capacity}")
-        need = -(-new_lengths // BLOCK_TOKENS) - self.blocks_held  # per KV head
+        # per KV head; never negative, so an append that failed after reserving leaks nothing
+        need = np.maximum(-(-new_lengths // BLOCK_TOKENS) - self.blocks_held, 0)
         if need.sum() * self.kv_heads > len(self._free):
             raise ValueError(f"num_blocks={self.num_blocks}: the pool has {len(self._free)} free "
                              f"blocks, this append needs {int(need.sum()) * self.kv_heads}; "
@@ -517,6 +526,12 @@ class QuantizedKVCache:
         self._check_new(k.codes, v.codes, torch.uint8, self.head_dim // 2,
                         f"head_dim/2={self.head_dim // 2}")
         T = k.codes.shape[2]
+        for name, t in (("k", k), ("v", v)):
+            for part in ("scales", "zeros"):
+                got = tuple(getattr(t, part).shape)
+                if got != tuple(t.codes.shape[:3]) + (1,):
+                    raise ValueError(f"{name}.{part}: expected {tuple(t.codes.shape[:3]) + (1,)} "
+                                     f"(one per token and head), got {got}")
         host_counts = self._reserve(T, counts)
         regions = _block_regions(self.pool, self.head_dim)
         for b in np.flatnonzero(host_counts):

@@ -297,8 +297,7 @@ def bench_row(name, Hq, Hkv, B, L, bw, D=HEAD_DIM) -> dict | None:
     sweep = {(plan4.kernel, plan4.splits): results["kv4"][0]}
     for build in PAGED_BUILDS:
         for n in SWEEP_SPLITS:
-            chunk = kk._align(-(-L // n), kk.CHUNK_ALIGN)
-            p = kk.SplitPlan(-(-L // chunk), chunk, build)
+            p = split_plan(L, n, build)
             if (build, p.splits) not in sweep:
                 sweep[(build, p.splits)] = time_calls([lambda s=s, p=p: kv4(s, p) for s in sets])[0]
     best = min(sweep, key=sweep.get)

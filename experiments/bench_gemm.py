@@ -366,7 +366,7 @@ def bench_shape(k_total: int, n: int, ceil: dict, rows: list, variant_rows: list
                 continue
             t_var[v] = timer([lambda a=aqs[i % len(aqs)], w=wqs[i % len(wqs)], v=v:
                               ko.mixed_gemm(a, w, variant=v) for i in range(pairs)])
-        auto = ko.choose_gemm_variant(m, n, k_total)
+        auto = ko.auto_gemm_variant(m, n, k_total, static_weights=PDL_OK)  # the model path
         if auto in ko.STREAM_VARIANTS:  # the kernel "auto" runs (stream for a K too long for streamt)
             auto = ko.stream_or_fallback(auto, kn // GROUP, [aqs[0].normal, wqs[0].normal], True)
         t_gemm = t_var[auto]

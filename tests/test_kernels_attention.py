@@ -9,7 +9,7 @@ import torch
 
 from atom_lab import kv_kernels as kk
 from atom_lab.cuda import kernel_backend_available
-from atom_lab.formats import decode_kv, encode_kv, kv_bytes_per_token
+from atom_lab.formats import KVQuantized, decode_kv, encode_kv, kv_bytes_per_token
 
 
 def gpu(test):
@@ -163,6 +163,20 @@ def test_pool_exhaustion_is_refused_and_release_recycles_blocks():
         cache.append_quantized(q, q, [0, 32])
 
 
+def test_bad_scales_are_refused_before_any_block_is_taken():
+    gen = torch.Generator().manual_seed(5)
+    cache = kk.QuantizedKVCache(2, 1, 64, 64, device="cpu", num_blocks=4)
+    _, q = _encoded((2, 1, 16, 64), gen)
+    flat = KVQuantized(q.codes, q.scales[..., 0], q.zeros, q.bits, q.group_size)
+    with pytest.raises(ValueError, match=r"k.scales: expected \(2, 1, 16, 1\)"):
+        cache.append_quantized(flat, q)
+    assert cache.free_blocks() == 4 and cache.host_lengths.tolist() == [0, 0]
+    cache.append_quantized(q, q)
+    cache.release(0)
+    cache.release(1)
+    assert cache.free_blocks() == 4
+
+
 def test_poison_unused_leaves_every_cached_token_alone():
     gen = torch.Generator().manual_seed(4)
     cache = kk.QuantizedKVCache(3, 2, 64, 64, device="cpu")
@@ -188,6 +202,12 @@ def test_paged_decode_refuses_a_wrong_pool():
     with pytest.raises(ValueError, match="block_table"):
         kk.decode_attention_paged(q, torch.zeros(32, 2176, dtype=torch.uint8), table.long(),
                                   torch.zeros(1, dtype=torch.int32), 1)
+    pool = torch.zeros(32, 2176, dtype=torch.uint8)
+    wide = torch.zeros(1, 8, 8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="block_table: must be a contiguous tensor"):
+        kk.decode_attention_paged(q, pool, wide[..., :4], torch.zeros(1, dtype=torch.int32), 1)
+    with pytest.raises(ValueError, match=r"lengths: expected int32 \[1\]"):
+        kk.decode_attention_paged(q, pool, table, torch.zeros(1, dtype=torch.int64), 1)
 
 
 def test_reference_is_exact_attention_without_quantization():

@@ -17,6 +17,9 @@ from atom_lab.cuda import (KernelBackendUnavailable, kernel_backend_available,
 from atom_lab.formats import MixedQuantized, decode_mixed, encode_mixed
 
 gpu = pytest.mark.skipif(not kernel_backend_available(), reason="needs CuPy and a CUDA GPU")
+# kernels/w4a4_gemv.cu (gemv, stream, PDL) and the wgmma kernels need sm_90
+sm90 = pytest.mark.skipif(not (kernel_backend_available() and ko.has_wgmma()),
+                          reason="needs a Hopper GPU (sm_90) and CuPy")
 
 
 def _acts(m: int, k_total: int, device: str = "cuda") -> torch.Tensor:
@@ -98,6 +101,16 @@ def test_compile_cache_key_follows_the_local_headers(tmp_path):
     assert before != after and before.startswith((tmp_path / "k.cu").read_text())
     for name in ("w4a4_gemm", "w4a4_gemm_sm90", "w4a4_gemv"):  # the shared helpers are hashed
         assert '#include "w4a4_common.cuh"' in (kernels_dir() / f"{name}.cu").read_text()
+
+
+def test_quantize_dispatch_falls_back_where_staged_rows_overflow_shared_memory():
+    k_total = 28672 + 128  # Llama-70B FFN width: SiLU*up rows staged twice do not fit a SM
+    assert ko.choose_quant_variant(4096, k_total) == "wide"
+    variant, smem = ko.fit_quant_variant("auto", 4096, 28672, k_total, fused_up=True)
+    assert variant == "row" and smem + 1024 <= ko.SMEM_PER_SM
+    assert ko.fit_quant_variant("auto", 4096, 28672, k_total, fused_up=False)[0] == "wide"
+    with pytest.raises(ko.KernelShapeError, match="variant=wide4 with K=28800 needs"):
+        ko.fit_quant_variant("wide4", 4096, 28672, k_total, fused_up=False)
 
 
 def test_dispatch_covers_every_m():
@@ -215,8 +228,9 @@ def test_gemm_matches_the_format_reference(variant, m, n, k_total, k, group, wit
 
 @gpu
 @pytest.mark.gpu
-def test_quantized_linear_equals_fake_quant_linear():
-    m, k_total, n, k = 19, 4096, 512, 128
+@pytest.mark.parametrize("m", [4, 19])  # 4: the early-start (PDL) decode GEMV behind its producer
+def test_quantized_linear_equals_fake_quant_linear(m):
+    k_total, n, k = 4096, 512, 128
     x = _acts(m, k_total)
     idx = torch.randperm(k_total, device="cuda")
     w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.05).half(), k, 4, 128, 0.85)
@@ -337,6 +351,7 @@ def test_quantize_kernels_match_the_reference_at_ties_and_extremes(variant, clip
 
 
 @gpu
+@sm90
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", sorted(ko.GEMV_VARIANTS) + sorted(ko.STREAM_VARIANTS))
 @pytest.mark.parametrize("m,n,k_total,k,group,with_bias", [
@@ -369,6 +384,7 @@ def test_gemv_matches_the_format_reference(variant, m, n, k_total, k, group, wit
 
 
 @gpu
+@sm90
 @pytest.mark.gpu
 def test_gemv_refuses_a_k_too_long_for_its_registers():
     most = ko.GEMV_CONSUMERS * ko.GEMV_GROUPS_PER_WARP[("gemv2_m8", 128)]
@@ -389,6 +405,7 @@ def test_early_start_launches_only_for_static_weights():
 
 
 @gpu
+@sm90
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [2, 11])
 def test_auto_dispatch_falls_back_from_the_persistent_stream_on_a_long_k(m):
@@ -400,8 +417,7 @@ def test_auto_dispatch_falls_back_from_the_persistent_stream_on_a_long_k(m):
     w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.05).half(), k, 4, 128, 0.85)
     with pytest.raises(ko.KernelShapeError, match="85 groups"):
         ko.mixed_gemm(a, w, variant=ko.choose_gemm_variant(m, n, k_total))
-    torch.cuda.synchronize()  # the weights are written: let that finish before a PDL launch
-    y = ko.mixed_gemm(a, w)
+    y = ko.mixed_gemm(a, w)  # auto with unknown weights: the plain stream launch
     ref = decode_mixed(a, torch.float64) @ decode_mixed(w, torch.float64).T
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-3
 
@@ -428,8 +444,10 @@ def test_stream_variants_name_kernels_of_the_gemv_source():
 
 
 @gpu
+@sm90
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["stream_m8_pdl", "stream_m16_pdl"])
+@pytest.mark.parametrize("variant", ["stream_m8_pdl", "stream_m16_pdl", "streamt_m8_pdl",
+                                     "streamt_m16_pdl"])
 def test_pdl_gemm_in_a_graph_reads_what_its_producer_wrote(variant):
     """A graph of quantize (writes the activation operand) then the PDL GEMM, replayed on freshly
     poisoned buffers: the GEMM's activation reads wait for the producer (griddepcontrol.wait), so
@@ -528,8 +546,7 @@ def test_wgmma_variant_refuses_a_k_too_long_for_shared_memory():
     assert ko.gemm_smem_bytes("wg_m128", 128, kn) > ko.SMEM_PER_SM
 
 
-wgmma = pytest.mark.skipif(not (kernel_backend_available() and ko.has_wgmma()),
-                           reason="needs a Hopper GPU (sm_90a wgmma) and CuPy")
+wgmma = sm90
 
 
 @wgmma
