@@ -176,25 +176,31 @@ def check_gemm_operands(a: MixedQuantized, w: MixedQuantized) -> tuple[int, int,
     return a.normal.shape[0], n, a.k_normal, a.k_outliers
 
 
-def choose_gemm_variant(m: int, n: int | None = None, k_total: int | None = None) -> str:
-    """The GEMM kernel for M rows (thresholds from experiments/results/gemm_h100.md; for M <= 16
-    the graph timings of round 4, gemm_h100_round4_small.csv). M <= 16: the register-streaming
-    GEMV launched with programmatic stream serialization, persistent form (streamt); mixed_gemm
-    falls back to the one-tile form (stream) where a warp's K-slice exceeds its registers (K - k >
-    4096 at G = 128) and to skinny without sm_90 or with misaligned operands. n and k_total are
-    accepted for callers that know the weight shape; the small-M choice does not need them."""
+def choose_gemm_variant(m: int, n: int | None = None, k_total: int | None = None,
+                        static_weights: bool = True) -> str:
+    """The GEMM kernel for M rows (thresholds from experiments/results/gemm_h100.md).
+
+    M <= 16, static weights (a model's): the register-streaming GEMV "stream" launched with
+    programmatic dependent launch (weights fetched while the previous kernel finishes). The
+    persistent "streamt_*_pdl" is faster but not dispatched: in a CUDA graph behind its producer,
+    streamt_m8_pdl once read the producer's activations before they were written (H100, notes:
+    final integrated run); the cause is not found. M <= 16 without the static promise: streamt
+    launched plainly (mixed_gemm falls back to stream where a warp's K-slice exceeds its
+    registers, K - k > 4096 at G = 128, and to skinny without sm_90 or with misaligned operands).
+    n and k_total are accepted for callers that know the weight shape; the choice does not need
+    them."""
     if m <= 16:
-        return "streamt_m8_pdl" if m <= 8 else "streamt_m16_pdl"
+        tile = "m8" if m <= 8 else "m16"
+        return f"stream_{tile}_pdl" if static_weights else f"streamt_{tile}"
     if m <= 64:
         return "skinny_m32n16"
     return WG_DEFAULT if m >= WG_MIN_M and has_wgmma() else "tc_m64"
 
 
 def auto_gemm_variant(m: int, n: int, k_total: int, static_weights: bool) -> str:
-    """mixed_gemm's "auto": choose_gemm_variant, launched plainly unless the weights are static
-    (an early-starting "_pdl" kernel reads them while the previous kernel may still write)."""
-    variant = choose_gemm_variant(m, n, k_total)
-    return variant if static_weights else variant.removesuffix("_pdl")
+    """mixed_gemm's "auto": an early-starting "_pdl" kernel only for static weights (it reads them
+    while the previous kernel may still write)."""
+    return choose_gemm_variant(m, n, k_total, static_weights)
 
 
 @functools.lru_cache(maxsize=1)
