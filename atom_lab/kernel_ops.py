@@ -742,6 +742,19 @@ def quantized_linear(x: torch.Tensor, w: MixedQuantized, clip: float = 1.0,
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def _median_tops(launch, ops: int) -> float:
+    """Median of three timed launches (after the caller's warm-up), in TOPS."""
+    rates = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        launch()
+        end.record()
+        end.synchronize()
+        rates.append(ops / (start.elapsed_time(end) * 1e-3) / 1e12)
+    return sorted(rates)[1]
+
+
 def mma_s8_peak_tops(iters: int = 4096, blocks_per_sm: int = 4, warps: int = 8) -> float:
     """Measured INT8 mma.sync m16n8k32 rate (TOPS) of the current GPU, register resident."""
     require_kernel_backend()
@@ -755,15 +768,7 @@ def mma_s8_peak_tops(iters: int = 4096, blocks_per_sm: int = 4, warps: int = 8) 
     launch()
     torch.cuda.synchronize()
     ops = 2 * 16 * 8 * 32 * 8 * iters * blocks * warps  # 8 chains a warp
-    rates = []
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        launch()
-        end.record()
-        end.synchronize()
-        rates.append(ops / (start.elapsed_time(end) * 1e-3) / 1e12)
-    return sorted(rates)[1]
+    return _median_tops(launch, ops)
 
 
 def wgmma_s8_peak_tops(form: str = "ss", iters: int = 2048) -> float:
@@ -786,12 +791,4 @@ def wgmma_s8_peak_tops(form: str = "ss", iters: int = 2048) -> float:
     torch.cuda.synchronize()
     n = 256 if form == "ss" else 128
     ops = 2 * 64 * n * 32 * 4 * iters * 3 * sms  # 4 k32 steps an iteration, 3 warpgroups a CTA
-    rates = []
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        launch()
-        end.record()
-        end.synchronize()
-        rates.append(ops / (start.elapsed_time(end) * 1e-3) / 1e12)
-    return sorted(rates)[1]
+    return _median_tops(launch, ops)

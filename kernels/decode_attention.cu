@@ -47,7 +47,7 @@
 //
 // Split-K: with splits > 1 each CTA writes a normalized partial and its log-sum-exp (base 2);
 // the last CTA of a (sequence, head block) to finish (an atomic ticket, reset after use so CUDA
-// graph replays work) merges them, so no second kernel is launched. Self-contained (no headers).
+// graph replays work) merges them, so no second kernel is launched. Shared fp16 helpers: fp16_bits.cuh.
 
 #define WARPS 4            // warps of a round-1 CTA
 #define TILE 16
@@ -55,9 +55,7 @@
 #define NEG_BIG (-1e30f)
 #define RESCALE_SLACK 2.f  // p <= 4: p * s_v stays finite in fp16 for any fp16 scale (<= 8734)
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
+#include "fp16_bits.cuh"  // u8/u16/u32, half_to_float, float_to_half
 
 // Diagnostic timeline (-DKV4M_TRACE=1): thread 0 of each CTA stores %globaltimer at entry (0),
 // at the start of the tile loop (1), once every warp is done with it (2) and at exit (3), and
@@ -87,18 +85,6 @@ __device__ __forceinline__ void trace_mark(int slot) {
 
 // ---------------------------------------------------------------------------------------------
 // Small PTX helpers
-
-__device__ __forceinline__ float half_to_float(u16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-__device__ __forceinline__ u16 float_to_half(float f) {
-    u16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
 
 __device__ __forceinline__ u32 pack_half2(float lo, float hi) {
     u32 r;

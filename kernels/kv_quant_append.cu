@@ -12,26 +12,11 @@
 // zero = clamp(rint(-lo / float(scale)), 0, qmax) (clamped with selects, as torch does: a row with
 // lo = 0 keeps the zero point -0.0, so the cache bytes equal the reference encoder's);
 // code = clamp(rint(x / float(scale)) + zero, 0, qmax) with true IEEE division (no fast math).
-// Self-contained (no headers) so NVRTC needs no include path.
 
 #define APPEND_WARPS 8
 #define MIN_SCALE 1e-5f
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-
-__device__ __forceinline__ float half_to_float(u16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-__device__ __forceinline__ u16 float_to_half(float f) {
-    u16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
+#include "fp16_bits.cuh"  // u8/u16/u32, half_to_float, float_to_half
 
 __device__ __forceinline__ int code_of(float x, float scale, float zero, int qmax) {
     float q = rintf(x / scale) + zero;

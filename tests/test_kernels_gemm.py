@@ -200,6 +200,22 @@ def test_fused_quantize_kernels_match_the_fp16_producer(kind, group, variant):
     assert torch.isfinite(out.normal_scales).all() and torch.isfinite(out.outlier_scales).all()
 
 
+def _check_against_reference(a, w, with_bias: bool, variant: str, runs: int) -> None:
+    """mixed_gemm(variant) on NaN-poisoned outputs, `runs` times (fresh poison each time), against
+    the float64 reference of the format: every output written, relative Frobenius error < 1e-3."""
+    m, n = a.normal.shape[0], w.normal.shape[0]
+    bias = torch.randn(n, device="cuda").half() if with_bias else None
+    ref = decode_mixed(a, torch.float64) @ decode_mixed(w, torch.float64).T
+    if bias is not None:
+        ref += bias.double()
+    for _ in range(runs):
+        y = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+        ko.mixed_gemm(a, w, bias, variant=variant, out=y)
+        assert torch.isfinite(y).all(), "some outputs were never written"
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-3, f"relative Frobenius error {err:.2e}"
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", sorted(ko.GEMM_VARIANTS))
@@ -215,15 +231,7 @@ def test_gemm_matches_the_format_reference(variant, m, n, k_total, k, group, wit
         pytest.skip("wgmma kernels need a Hopper GPU (sm_90a)")
     a = encode_mixed(_acts(m, k_total), k, 4, group, 0.9)
     w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.05).half(), k, 4, group, 0.85)
-    bias = torch.randn(n, device="cuda").half() if with_bias else None
-    ref = decode_mixed(a, torch.float64) @ decode_mixed(w, torch.float64).T
-    if bias is not None:
-        ref += bias.double()
-    y = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
-    ko.mixed_gemm(a, w, bias, variant=variant, out=y)
-    assert torch.isfinite(y).all(), "some outputs were never written"
-    err = ((y.double() - ref).norm() / ref.norm()).item()
-    assert err < 1e-3, f"relative Frobenius error {err:.2e}"
+    _check_against_reference(a, w, with_bias, variant, runs=1)
 
 
 @gpu
@@ -371,16 +379,7 @@ def test_gemv_matches_the_format_reference(variant, m, n, k_total, k, group, wit
         with pytest.raises(ko.KernelShapeError, match="groups"):
             ko.mixed_gemm(a, w, variant=variant)
         return
-    bias = torch.randn(n, device="cuda").half() if with_bias else None
-    ref = decode_mixed(a, torch.float64) @ decode_mixed(w, torch.float64).T
-    if bias is not None:
-        ref += bias.double()
-    for _ in range(2):  # fresh poison each time: a race would show as a moving error
-        y = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
-        ko.mixed_gemm(a, w, bias, variant=variant, out=y)
-        assert torch.isfinite(y).all(), "some outputs were never written"
-        err = ((y.double() - ref).norm() / ref.norm()).item()
-        assert err < 1e-3, f"relative Frobenius error {err:.2e}"
+    _check_against_reference(a, w, with_bias, variant, runs=2)  # a race would move the error
 
 
 @gpu
@@ -571,16 +570,7 @@ wgmma = sm90
 def test_wgmma_gemm_matches_the_format_reference(variant, m, n, k_total, k, group, with_bias):
     a = encode_mixed(_acts(m, k_total), k, 4, group, 0.9)
     w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.05).half(), k, 4, group, 0.85)
-    bias = torch.randn(n, device="cuda").half() if with_bias else None
-    ref = decode_mixed(a, torch.float64) @ decode_mixed(w, torch.float64).T
-    if bias is not None:
-        ref += bias.double()
-    for _ in range(2):  # fresh poison each time: a race between the warpgroups would move the error
-        y = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
-        ko.mixed_gemm(a, w, bias, variant=variant, out=y)
-        assert torch.isfinite(y).all(), "some outputs were never written"
-        err = ((y.double() - ref).norm() / ref.norm()).item()
-        assert err < 1e-3, f"relative Frobenius error {err:.2e}"
+    _check_against_reference(a, w, with_bias, variant, runs=2)  # a warpgroup race would move it
 
 
 @wgmma
