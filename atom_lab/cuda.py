@@ -6,11 +6,15 @@ import time.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
 import re
+import warnings
 from pathlib import Path
+
+import numpy as np
 
 KERNELS_ENV = "ATOM_LAB_KERNELS"
 DEFAULT_OPTIONS = ("--std=c++17", "-DNDEBUG")
@@ -107,3 +111,82 @@ def torch_current_stream(device_index: int | None = None):
 
     index = torch.cuda.current_device() if device_index is None else device_index
     return _external_stream(torch.cuda.current_stream(index).cuda_stream, index)
+
+
+# ------------------------------------------------------------------------------------------------
+# Programmatic dependent launch (sm_90): a kernel that may start before the previous one ends
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute (cuda.h): id, padding, 64-byte union
+    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_ubyte * 4), ("value", ctypes.c_ubyte * 64)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h)
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3),
+                ("shared_mem_bytes", ctypes.c_uint), ("stream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
+PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+@functools.lru_cache(maxsize=1)
+def _driver():
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                                     ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    lib.cuLaunchKernelEx.restype = ctypes.c_int
+    lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    return lib
+
+
+def _kernel_param(value) -> ctypes._SimpleCData:
+    if isinstance(value, np.int32):
+        return ctypes.c_int32(int(value))
+    if isinstance(value, np.float32):
+        return ctypes.c_float(float(value))
+    return ctypes.c_uint64(int(value))  # device pointers (np.uint64)
+
+
+def launch_pdl(kernel, grid, block, args, smem: int, device) -> None:
+    """Launch a CuPy RawKernel on torch's current stream with programmatic stream serialization
+    (cuLaunchKernelEx through ctypes: CuPy's launch takes no attributes). The kernel may start
+    before the previous kernel in the stream has finished; it must execute griddepcontrol.wait
+    before touching anything that kernel writes. Works under CUDA-graph capture (a programmatic
+    edge)."""
+    import cupy
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    params = [_kernel_param(a) for a in args]
+    pointers = (ctypes.c_void_p * len(params))(*[ctypes.addressof(p) for p in params])
+    attr = _LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value[0] = 1  # programmaticStreamSerializationAllowed
+    grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
+    config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), smem,
+                           torch.cuda.current_stream(index).cuda_stream, ctypes.pointer(attr), 1)
+    with cupy.cuda.Device(index):
+        function = kernel.kernel.ptr  # compiles and loads the module on first use
+        rc = _driver().cuLaunchKernelEx(ctypes.byref(config), function, pointers, None)
+    if rc != 0:
+        msg = ctypes.c_char_p()
+        _driver().cuGetErrorString(rc, ctypes.byref(msg))
+        raise RuntimeError(f"cuLaunchKernelEx (programmatic serialization) failed: error {rc} "
+                           f"({(msg.value or b'?').decode()})")
+
+
+_EARLY_LAUNCH_FAILED = False
+
+
+def launch_early(kernel, grid, block, args, smem: int, device) -> bool:
+    """launch_pdl, or False (once warned, for good) where the driver refuses it: the caller then
+    launches plainly, which the kernels' griddepcontrol instructions treat as a no-op."""
+    global _EARLY_LAUNCH_FAILED
+    if _EARLY_LAUNCH_FAILED:
+        return False
+    try:
+        launch_pdl(kernel, grid, block, args, smem, device)
+        return True
+    except RuntimeError as exc:  # e.g. a driver without programmatic serialization
+        _EARLY_LAUNCH_FAILED = True
+        warnings.warn(f"early-start (PDL) launch failed ({exc}); launching plainly from now on")
+        return False

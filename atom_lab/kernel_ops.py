@@ -15,14 +15,13 @@ The shape checks need no GPU; everything else needs CuPy and a CUDA device (atom
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import warnings
 
 import numpy as np
 import torch
 
-from atom_lab.cuda import get_kernel, require_kernel_backend, torch_current_stream
+from atom_lab.cuda import (get_kernel, launch_early, launch_pdl,  # noqa: F401 (launch_pdl: benches)
+                           require_kernel_backend, torch_current_stream)
 from atom_lab.formats import MixedQuantized
 
 SUPPORTED_GROUPS = (64, 128)
@@ -80,6 +79,10 @@ STREAM_VARIANTS = {f"{form}_m{tile}{launch}": (tile, 16, 256) for form in ("stre
 GEMM_VARIANTS.update(STREAM_VARIANTS)
 STREAM_WARPS, STREAM_GROUPS, STREAM_CTAS_PER_SM = 8, 2, 2  # as the .cu file (__launch_bounds__)
 STREAMT_MAX_GROUPS = STREAM_WARPS * 2 * STREAM_GROUPS
+# streamt dispatched from this N up (round 5, H100, gemm_h100_notes.md): with more 16-row weight
+# tiles than one wave of CTAs (N = 11008, 12288) walking them is faster; at N = 4096 (one tile a
+# CTA) the one-shot stream is
+STREAMT_MIN_N = 8192
 # Large M on Hopper (sm_90a, kernels/w4a4_gemm_sm90.cu): wgmma s8 with activations from
 # registers, a producer warpgroup unpacking the weight tile into shared memory, two consumer
 # warpgroups. wg: each consumer folds one 64-column half while the other half's wgmmas run;
@@ -180,18 +183,15 @@ def choose_gemm_variant(m: int, n: int | None = None, k_total: int | None = None
                         static_weights: bool = True) -> str:
     """The GEMM kernel for M rows (thresholds from experiments/results/gemm_h100.md).
 
-    M <= 16, static weights (a model's): the register-streaming GEMV "stream" launched with
-    programmatic dependent launch (weights fetched while the previous kernel finishes). The
-    persistent "streamt_*_pdl" is faster but not dispatched: in a CUDA graph behind its producer,
-    streamt_m8_pdl once read the producer's activations before they were written (H100, notes:
-    final integrated run); the cause is not found. M <= 16 without the static promise: streamt
-    launched plainly (mixed_gemm falls back to stream where a warp's K-slice exceeds its
-    registers, K - k > 4096 at G = 128, and to skinny without sm_90 or with misaligned operands).
-    n and k_total are accepted for callers that know the weight shape; the choice does not need
-    them."""
+    M <= 16: the register-streaming GEMV, persistent ("streamt") for N >= STREAMT_MIN_N, one CTA a
+    weight tile ("stream") below; for static weights (a model's) launched with programmatic
+    dependent launch ("_pdl": weights fetched while the previous kernel finishes). mixed_gemm falls
+    back to stream where a warp's K-slice exceeds streamt's registers (K - k > 4096 at G = 128),
+    and to skinny without sm_90 or with misaligned operands. N unknown: stream."""
     if m <= 16:
         tile = "m8" if m <= 8 else "m16"
-        return f"stream_{tile}_pdl" if static_weights else f"streamt_{tile}"
+        form = "streamt" if n is not None and n >= STREAMT_MIN_N else "stream"
+        return f"{form}_{tile}_pdl" if static_weights else f"{form}_{tile}"
     if m <= 64:
         return "skinny_m32n16"
     return WG_DEFAULT if m >= WG_MIN_M and has_wgmma() else "tc_m64"
@@ -651,9 +651,6 @@ def stream_token_bytes(variant: str, group_size: int) -> int:
     return 2 * tiles * STREAM_GROUPS * 32 * STREAM_WARPS * (group_size // 8)
 
 
-_PDL_FAILED = False
-
-
 def _launch_stream(variant: str, group_size: int, grid, args, dev) -> None:
     """stream: a CTA a 16-row weight tile and token tile. streamt: a persistent row of CTAs a token
     tile, as few as give every CTA the same number of tiles within STREAM_CTAS_PER_SM a SM. The
@@ -665,72 +662,10 @@ def _launch_stream(variant: str, group_size: int, grid, args, dev) -> None:
         slots = STREAM_CTAS_PER_SM * torch.cuda.get_device_properties(index).multi_processor_count
         per_cta = -(-grid[0] // slots)
         grid, smem = (-(-grid[0] // per_cta), grid[1]), stream_token_bytes(variant, group_size)
-    global _PDL_FAILED
-    if variant.endswith("_pdl") and not _PDL_FAILED:
-        try:
-            launch_pdl(_kernel("w4a4_gemv", name, smem), grid, (threads,), args, smem, dev)
-            return
-        except RuntimeError as exc:  # e.g. a driver without programmatic serialization
-            _PDL_FAILED = True
-            warnings.warn(f"early-start (PDL) launch failed ({exc}); launching plainly from now on")
+    if variant.endswith("_pdl") and launch_early(_kernel("w4a4_gemv", name, smem), grid,
+                                                 (threads,), args, smem, dev):
+        return
     _launch("w4a4_gemv", name, grid, (threads,), args, smem, dev)
-
-
-class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute (cuda.h): id, padding, 64-byte union
-    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_ubyte * 4), ("value", ctypes.c_ubyte * 64)]
-
-
-class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h)
-    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3),
-                ("shared_mem_bytes", ctypes.c_uint), ("stream", ctypes.c_void_p),
-                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
-
-
-PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-
-
-@functools.lru_cache(maxsize=1)
-def _driver():
-    lib = ctypes.CDLL("libcuda.so.1")
-    lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
-                                     ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
-    lib.cuLaunchKernelEx.restype = ctypes.c_int
-    lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
-    return lib
-
-
-def _kernel_param(value) -> ctypes._SimpleCData:
-    if isinstance(value, np.int32):
-        return ctypes.c_int32(int(value))
-    if isinstance(value, np.float32):
-        return ctypes.c_float(float(value))
-    return ctypes.c_uint64(int(value))  # device pointers (np.uint64)
-
-
-def launch_pdl(kernel, grid, block, args, smem: int, device: torch.device) -> None:
-    """Launch a CuPy RawKernel on torch's current stream with programmatic stream serialization
-    (cuLaunchKernelEx through ctypes: CuPy's launch takes no attributes). The kernel may start
-    before the previous kernel in the stream has finished; it must execute griddepcontrol.wait
-    before touching anything that kernel writes. Works under CUDA-graph capture (a programmatic
-    edge)."""
-    import cupy
-
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    params = [_kernel_param(a) for a in args]
-    pointers = (ctypes.c_void_p * len(params))(*[ctypes.addressof(p) for p in params])
-    attr = _LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION)
-    attr.value[0] = 1  # programmaticStreamSerializationAllowed
-    grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
-    config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), smem,
-                           torch.cuda.current_stream(index).cuda_stream, ctypes.pointer(attr), 1)
-    with cupy.cuda.Device(index):
-        function = kernel.kernel.ptr  # compiles and loads the module on first use
-        rc = _driver().cuLaunchKernelEx(ctypes.byref(config), function, pointers, None)
-    if rc != 0:
-        msg = ctypes.c_char_p()
-        _driver().cuGetErrorString(rc, ctypes.byref(msg))
-        raise RuntimeError(f"cuLaunchKernelEx (programmatic serialization) failed: error {rc} "
-                           f"({(msg.value or b'?').decode()})")
 
 
 def quantized_linear(x: torch.Tensor, w: MixedQuantized, clip: float = 1.0,

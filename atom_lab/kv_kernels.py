@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from atom_lab.cuda import get_kernel, require_kernel_backend, torch_current_stream
+from atom_lab.cuda import get_kernel, launch_early, require_kernel_backend, torch_current_stream
 from atom_lab.formats import KVQuantized, decode_kv, encode_kv, kv_bytes_per_token
 
 HEAD_DIMS = (64, 128)
@@ -69,6 +69,8 @@ class DecodeBuild:
     wave_tail: float = 0.0  # a one-wave grid streams this much longer (the SMs' finish times
     #                         spread); spread over the waves of a longer grid
     wave_start_s: float = 0.0  # each further wave of CTAs: their starts and ends not overlapped
+    early: bool = False     # launched with programmatic dependent launch (decode_attention.cu:
+    #                         prefetch_first_blocks): starts while the previous kernel finishes
 
 
 BUILDS = {
@@ -78,6 +80,10 @@ BUILDS = {
     # on every target row
     "kv4p": DecodeBuild(4, 4, "kv4m", 2.85e12, 25e9, 3.8e-6, 0.126, 0.7e-6),
     "kv4pw8": DecodeBuild(8, 4, "kv4m", 2.88e12, 35e9, 4.0e-6, 0.126, 1.1e-6),
+    # round 5: the same two builds started early (PDL), L2 prefetches of their first blocks before
+    # they wait for the previous kernel
+    "kv4p_pdl": DecodeBuild(4, 4, "kv4m", 2.85e12, 25e9, 3.8e-6, 0.126, 0.7e-6, early=True),
+    "kv4pw8_pdl": DecodeBuild(8, 4, "kv4m", 2.88e12, 35e9, 4.0e-6, 0.126, 1.1e-6, early=True),
     # The contiguous layout of rounds 1-3 (decode_attention_kv4), the measured comparison.
     # round 3 body (software-pipelined, L2 128-byte prefetch hint): 4 CTAs an SM
     "kv4": DecodeBuild(4, 4, "kv4m", 2.65e12, 23.5e9, 3.6e-6, 0.126, 0.7e-6),
@@ -91,8 +97,8 @@ BUILDS = {
     "fp16": DecodeBuild(4, 3, "fp16", 2.95e12, 21e9, 5e-6),
 }
 # builds a cache format runs ("kv4p": paged, "kv4": contiguous) and those the planner picks from
-_FAMILY = {"kv4p": ("kv4p", "kv4pw8"), "kv4": ("kv4", "kv4w8", "kv4s6", "kv4v3"),
-           "fp16": ("fp16",)}
+_FAMILY = {"kv4p": ("kv4p", "kv4pw8", "kv4p_pdl", "kv4pw8_pdl"),
+           "kv4": ("kv4", "kv4w8", "kv4s6", "kv4v3"), "fp16": ("fp16",)}
 _PLANNED = {"kv4p": ("kv4p", "kv4pw8"), "kv4": ("kv4", "kv4w8", "kv4v3"), "fp16": ("fp16",)}
 
 
@@ -314,7 +320,7 @@ def decode_attention_paged(q, pool, block_table, lengths, max_len: int,
         raise ValueError(f"lengths: expected int32 [{B}], got {lengths.dtype} {tuple(lengths.shape)}")
     return _decode("kv4p", q, (pool, block_table), lengths, max_len, B, Hkv,
                    max_blocks * BLOCK_TOKENS, max_blocks, D, softmax_scale, plan, out,
-                   tuple(compile_options))
+                   tuple(compile_options), (np.int32(pool.shape[0]),))
 
 
 def decode_attention_kv4(q, k_codes, k_params, v_codes, v_params, lengths, max_len: int,
@@ -341,9 +347,10 @@ def decode_attention_fp16(q, k, v, lengths, max_len: int, softmax_scale: float |
 
 
 def _decode(family, q, sources, lengths, max_len, B, Hkv, cap, extent, D, softmax_scale, plan,
-            out, options):
+            out, options, extra_args=()):
     """sources: the cache tensors the kernel takes before `lengths` (None: a null pointer);
-    cap: tokens a sequence can hold; extent: the kernel's size argument (capacity or blocks)."""
+    cap: tokens a sequence can hold; extent: the kernel's size argument (capacity or blocks);
+    extra_args: the kernel's arguments after the split-K tickets (paged: the pool's blocks)."""
     require_kernel_backend()
     check_layout(D, Hkv, cap)
     if q.dim() != 3 or q.shape[0] != B or q.shape[2] != D or q.dtype != torch.float16:
@@ -379,9 +386,11 @@ def _decode(family, q, sources, lengths, max_len, B, Hkv, cap, extent, D, softma
     args = (_ptr(q),) + tuple(_ptr(t) if t is not None else np.uint64(0) for t in sources) + (
         _ptr(lengths), np.int32(Hkv), np.int32(group), np.int32(head_blocks), np.int32(extent),
         np.int32(plan.chunk), np.int32(plan.splits), np.float32(scale * math.log2(math.e)),
-        _ptr(out), _ptr(part_o), _ptr(part_lse), _ptr(tickets))
-    _launch(_decode_kernel(fmt, D, options), (plan.splits, Hkv * head_blocks, B),
-            (BUILDS[fmt].warps * 32, 1, 1), args, _smem_bytes(fmt, D))
+        _ptr(out), _ptr(part_o), _ptr(part_lse), _ptr(tickets)) + tuple(extra_args)
+    kernel, smem = _decode_kernel(fmt, D, options), _smem_bytes(fmt, D)
+    grid, block = (plan.splits, Hkv * head_blocks, B), (BUILDS[fmt].warps * 32, 1, 1)
+    if not (BUILDS[fmt].early and launch_early(kernel, grid, block, args, smem, device)):
+        _launch(kernel, grid, block, args, smem)
     return out
 
 

@@ -52,6 +52,7 @@ ROTATE_BYTES = 200e6  # > 2 x the 50 MB L2 for the smallest of the variants' wor
 TOL = 2e-3
 SWEEP_SPLITS = (1, 2, 4, 8, 16)
 PAGED_BUILDS = kk._FAMILY["kv4p"]
+SWEEP_BUILDS = kk._PLANNED["kv4p"]  # the builds the planner picks from
 CHECK_BUILDS = PAGED_BUILDS + kk._FAMILY["kv4"]
 # Ablation: (label, cache, build, NVRTC options, check, splits or None), timed side by side on
 # key rows (the target rows, a bandwidth-bound one, a lone-CTA one and a tiny one that shows the
@@ -68,6 +69,10 @@ ABLATIONS = [
     ("contiguous kv4v3 (round 1)", "old", "kv4v3", (), "ragged", None),
     ("paged kv4p", "paged", "kv4p", (), "ragged", None),
     ("paged kv4pw8", "paged", "kv4pw8", (), "ragged", None),
+    ("paged kv4p_pdl (early start)", "paged", "kv4p_pdl", (), "ragged", None),
+    ("paged kv4pw8_pdl (early start)", "paged", "kv4pw8_pdl", (), "ragged", None),
+    *[(f"kv4pw8_pdl, {n} blocks a warp prefetched", "paged", "kv4pw8_pdl",
+       (f"-DKV4P_EARLY_BLOCKS={n}",) + PAGED_ONLY, "ragged", None) for n in (0, 1, 2, 8, 16)],
     ("paged kv4p, shuffled blocks", "shuffled", "kv4p", (), "ragged", None),
     ("kv4p without the table (direct addresses)", "paged", "kv4p", ("-DKV4P_DIRECT=1",) +
      PAGED_ONLY, "row", None),
@@ -81,7 +86,7 @@ ABLATIONS = [
 # (config, batch, context, split-K partition counts)
 ABLATION_ROWS = [("llama7b_mha", 16, 2048, (1,)), ("gqa_32q_8kv", 64, 2048, (1,)),
                  ("gqa_32q_8kv", 16, 8192, (1, 2)), ("gqa_32q_8kv", 64, 8192, (1,)),
-                 ("gqa_32q_8kv", 16, 2048, (1,)), ("llama7b_mha", 256, 2048, (1,)),
+                 ("gqa_32q_8kv", 16, 2048, (1, 2, 4)), ("llama7b_mha", 256, 2048, (1,)),
                  ("gqa_32q_8kv", 16, 64, (1,))]
 # Timelines (-DKV4M_TRACE=1): (config, batch, context, cache, build, splits, extra options)
 TRACES = [("llama7b_mha", 16, 2048, "paged", "kv4p", 1, ()),
@@ -295,7 +300,10 @@ def bench_row(name, Hq, Hkv, B, L, bw, D=HEAD_DIM) -> dict | None:
     for vname, fn in (("kv4", kv4), ("old", old), ("fp16", fp16), ("sdpa", sdpa)):
         results[vname] = time_calls([lambda s=s, fn=fn: fn(s) for s in sets])
     sweep = {(plan4.kernel, plan4.splits): results["kv4"][0]}
-    for build in PAGED_BUILDS:
+    twin = launch_twin(plan4.kernel)
+    results["twin"] = time_calls([lambda s=s: kv4(s, kk.SplitPlan(plan4.splits, plan4.chunk, twin))
+                                  for s in sets])
+    for build in SWEEP_BUILDS:
         for n in SWEEP_SPLITS:
             p = split_plan(L, n, build)
             if (build, p.splits) not in sweep:
@@ -314,6 +322,8 @@ def bench_row(name, Hq, Hkv, B, L, bw, D=HEAD_DIM) -> dict | None:
         kv4_build=plan4.kernel, kv4_splits=plan4.splits, old_build=plan_old.kernel,
         old_splits=plan_old.splits, fp16_splits=plan16.splits, rotating_sets=nsets,
         kv4_us=t4 * 1e6, old_us=told * 1e6, fp16_us=t16 * 1e6, sdpa_us=ts * 1e6,
+        twin_build=twin, twin_us=results["twin"][0] * 1e6,
+        twin_speedup_vs_sdpa=ts / results["twin"][0],
         kv4_best_us=sweep[best] * 1e6, kv4_best_build=best[0], kv4_best_splits=best[1],
         sweep=" ".join(f"{b_}/{n_}:{t_ * 1e6:.1f}" for (b_, n_), t_ in sorted(sweep.items())),
         speedup_vs_sdpa=ts / t4, speedup_vs_old=told / t4, old_speedup_vs_sdpa=ts / told,
@@ -333,12 +343,17 @@ def bench_row(name, Hq, Hkv, B, L, bw, D=HEAD_DIM) -> dict | None:
         f" {plan4.kernel} S={plan4.splits})  old {row['old_us']:8.1f} ({plan_old.kernel} "
         f"S={plan_old.splits})  fp16 {row['fp16_us']:8.1f}"
         f"  sdpa {row['sdpa_us']:8.1f} us ({row['sdpa_hbm_pct']:5.1f}%)  x{row['speedup_vs_sdpa']:.2f}"
-        f"  sweep {row['sweep']}"
+        f"  twin {twin} {row['twin_us']:.1f}  sweep {row['sweep']}"
         f"  err {row['kv4_err']:.1e}/{row['old_err']:.1e}/{row['fp16_err']:.1e}/"
         f"{row['sdpa_err']:.1e}")
     del sets, outs
     torch.cuda.empty_cache()
     return row
+
+
+def launch_twin(build: str) -> str:
+    """The same kernel body launched the other way: plain <-> early start (PDL)."""
+    return build[:-len("_pdl")] if build.endswith("_pdl") else build + "_pdl"
 
 
 def _plan(family: str, ctas: int, max_len: int, builds=None) -> kk.SplitPlan:
@@ -371,12 +386,15 @@ def write_markdown(rows, checks, env, path: Path) -> None:
               "/ copy bandwidth. kv4: the paged cache (round 4), the planner's build and split-K "
               "partitions S (kv4p / kv4pw8: 4 / 8 warps a CTA). old: the same cache in rounds "
               "1-3's contiguous layout, round 3's planner (kv4 / kv4w8: round-3 kernel, kv4v3: "
-              "round 1's). Sweep: S in 1..16 for both paged builds, a check of the planner's "
-              "cost model.", ""]
+              "round 1's). Sweep: S in 1..16 for the builds the planner picks from, a check of "
+              "its cost model. twin: the planned kernel and plan launched the other way (plain "
+              "<-> early start, `_pdl`: programmatic dependent launch, L2 prefetches of the first "
+              "blocks before waiting for the previous kernel, here the previous call).", ""]
     lines.append("| config | batch | context | kv4 us | old us | fp16 kernel us | SDPA us | x SDPA | "
                  "x old | old x SDPA | kv4 HBM % | old HBM % | SDPA HBM % | kv4 floor us | "
-                 "build, S | old build, S | kv4 err | sweep best us (build, S) | target |")
-    lines.append("|" + "---|" * 19)
+                 "build, S | old build, S | kv4 err | sweep best us (build, S) | twin us (build) | "
+                 "twin x SDPA | target |")
+    lines.append("|" + "---|" * 21)
     for r in rows:
         target = ""
         if in_target(r):
@@ -391,7 +409,8 @@ def write_markdown(rows, checks, env, path: Path) -> None:
             f"{r['old_hbm_pct']:.1f} | {r['sdpa_hbm_pct']:.1f} | {r['kv4_floor_us']:.1f} | "
             f"{r['kv4_build']}, {r['kv4_splits']} | {r['old_build']}, {r['old_splits']} | "
             f"{r['kv4_err']:.1e} | {r['kv4_best_us']:.1f} "
-            f"({r['kv4_best_build']}, {r['kv4_best_splits']}) | {target} |")
+            f"({r['kv4_best_build']}, {r['kv4_best_splits']}) | {r['twin_us']:.1f} "
+            f"({r['twin_build']}) | {r['twin_speedup_vs_sdpa']:.2f} | {target} |")
     lines += ["", f"Memory per cached token (K + V, all KV heads, head_dim {HEAD_DIM}; a paged block "
               f"of one KV head is {kk.block_bytes(HEAD_DIM)} bytes = 16 tokens, a multiple of 128 "
               f"with no padding, so only a sequence's last, partly filled block holds unused "
@@ -472,11 +491,13 @@ def variant_check(layout: str, build: str, opts: tuple) -> float:
     return worst
 
 
-def ablate(out_dir: Path) -> None:
-    """Time every ABLATIONS variant on ABLATION_ROWS; each "ragged" variant is checked first on
-    ragged inputs, each non-diagnostic one on the row's data."""
+def ablate(out_dir: Path, only: list[str] | None = None) -> None:
+    """Time every ABLATIONS variant (or those whose label contains one of `only`) on
+    ABLATION_ROWS; each "ragged" variant is checked first on ragged inputs, each non-diagnostic
+    one on the row's data."""
     records, checked = [], {}
-    for label, layout, build, opts, check, _ in ABLATIONS:
+    variants = [a for a in ABLATIONS if not only or any(o in a[0] for o in only)]
+    for label, layout, build, opts, check, _ in variants:
         if check == "ragged":
             checked[label] = variant_check(layout, build, opts)
             log(f"  check {label}: err {checked[label]:.2e}")
@@ -495,7 +516,7 @@ def ablate(out_dir: Path) -> None:
         assert torch.equal(s0["cache"].block_table, identity)  # what the direct variant assumes
         ref = kk.reference_decode_attention(s0["q"][:1], s0["k"][:1], s0["v"][:1], [L])
         line = []
-        for label, layout, build, opts, check, splits in ABLATIONS:
+        for label, layout, build, opts, check, splits in variants:
             for n in splits or row_splits:
                 plan = split_plan(L, n, build)
                 if plan.splits != n or (splits and n not in row_splits and n > max(row_splits)):
@@ -519,7 +540,7 @@ def ablate(out_dir: Path) -> None:
     rows = [(c, b, l) for c, b, l, _ in ABLATION_ROWS]
     lines = ["| variant | S | " + " | ".join(f"{c} B{b} L{l}" for c, b, l in rows) + " |",
              "|---|---|" + "---|" * len(rows)]
-    for label, *_ in ABLATIONS:
+    for label, *_ in variants:
         for n in sorted({r["splits"] for r in records if r["variant"] == label}):
             cells = [next((f"{r['us']:.1f}" for r in records if r["variant"] == label and
                            (r["config"], r["batch"], r["context"]) == row and r["splits"] == n), "")
@@ -610,6 +631,7 @@ def main() -> int:
     ap.add_argument("--contexts", type=int, nargs="*", default=CONTEXTS)
     ap.add_argument("--single", nargs=5, metavar=("CONFIG", "B", "L", "BUILD", "S"))
     ap.add_argument("--ablate", action="store_true", help="only the kernel-variant ablation")
+    ap.add_argument("--variants", nargs="*", help="--ablate: only labels containing one of these")
     ap.add_argument("--trace", action="store_true", help="only the per-CTA timelines")
     args = ap.parse_args()
     if args.ablate or args.trace:
@@ -617,7 +639,7 @@ def main() -> int:
         if args.trace:
             trace(args.out)
         if args.ablate:
-            ablate(args.out)
+            ablate(args.out, args.variants)
         return 0
     if args.single:
         cfg, B, L, build, S = args.single

@@ -56,6 +56,7 @@
 #define RESCALE_SLACK 2.f  // p <= 4: p * s_v stays finite in fp16 for any fp16 scale (<= 8734)
 
 #include "fp16_bits.cuh"  // u8/u16/u32, half_to_float, float_to_half
+#include "pdl.cuh"
 
 // Diagnostic timeline (-DKV4M_TRACE=1): thread 0 of each CTA stores %globaltimer at entry (0),
 // at the start of the tile loop (1), once every warp is done with it (2) and at exit (3), and
@@ -766,16 +767,41 @@ __device__ __forceinline__ void load_words(u32 (&w)[N], const u8* p) {
     }
 }
 
+// Early-start builds ("_pdl", launched with programmatic dependent launch): before waiting for
+// the previous kernel (which may write the cache's last blocks, the table, the lengths or q),
+// only L2 prefetches of each warp's first KV4P_EARLY_BLOCKS blocks, whole blocks through one bulk
+// prefetch each. Their ids come from a table that kernel may still be writing: hints only (a
+// stale id prefetches the wrong block, clamped into the pool); the real reads follow the wait.
+#ifndef KV4P_EARLY_BLOCKS
+#define KV4P_EARLY_BLOCKS 4
+#endif
+__device__ __forceinline__ void prefetch_l2_bulk(const void* p, u32 bytes) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}
+template <int D, int NW>
+__device__ __forceinline__ void prefetch_first_blocks(const u8* pool, const int* table_row,
+                                                      int first_tile, int end_tile,
+                                                      int pool_blocks) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int i = lane; i < KV4P_EARLY_BLOCKS; i += 32) {
+        const int tile = first_tile + warp + i * NW;
+        if (tile < end_tile) {
+            const u32 id = min((u32)load_fresh_s32(table_row + tile), (u32)(pool_blocks - 1));
+            prefetch_l2_bulk(pool + (long long)id * KV4M<D>::STAGE, KV4M<D>::STAGE);
+        }
+    }
+}
+
 // PAGED: k is the block pool, block_table its table, capacity = max_blocks * 16 (k_params, v,
 // v_params unused); otherwise the contiguous layout of rounds 1-3.
-template <int D, int NW, int NST, bool PAGED>
+template <int D, int NW, int NST, bool PAGED, bool EARLY = false>
 __device__ __forceinline__ void decode_kv4m(
     const u16* __restrict__ q, const u8* __restrict__ k, const u32* __restrict__ k_params,
     const u8* __restrict__ v, const u32* __restrict__ v_params, const int* __restrict__ lengths,
     int kv_heads, int group, int head_blocks, int capacity, int chunk, int splits,
     float scale_log2, u16* __restrict__ out, float* __restrict__ part_o,
     float* __restrict__ part_lse, int* __restrict__ tickets,
-    const int* __restrict__ block_table) {
+    const int* __restrict__ block_table, int pool_blocks = 0) {
     if (KV4M_EMPTY) return;
     using F = KV4M<D>;
     extern __shared__ __align__(16) u8 smem[];
@@ -786,9 +812,19 @@ __device__ __forceinline__ void decode_kv4m(
     const int head0 = kvh * group + hb * HEADS_PER_CTA;
     const int nheads = min(HEADS_PER_CTA, group - hb * HEADS_PER_CTA);
     const int q_heads = kv_heads * group;
-    const int len = lengths[b];  // first used once the first tiles are in flight
     const int start = split * chunk;
     const int stop = min(start + chunk, capacity);  // the prefetch's bound, known without len
+    const int max_blocks = capacity / TILE;
+    const int* table_row = block_table + ((long long)b * kv_heads + kvh) * max_blocks;
+    if constexpr (EARLY) {
+        pdl_launch_dependents();
+        prefetch_first_blocks<D, NW>(k, table_row, start / TILE, (stop + TILE - 1) / TILE,
+                                     pool_blocks);
+        pdl_wait();
+    }
+    // EARLY: coherent loads from here on (an .nc load may be scheduled above the wait).
+    const int len = EARLY ? load_fresh_s32(lengths + b) : lengths[b];  // first used once the
+                                                                       // first tiles are in flight
 
     const long long row0 = (long long)(b * kv_heads + kvh) * capacity;
     u16* s_q = reinterpret_cast<u16*>(smem);
@@ -818,11 +854,10 @@ __device__ __forceinline__ void decode_kv4m(
     const u32 p_dst = pinned((lane < 4 ? F::OFF_KP : F::OFF_VP) + (lane & 3) * 16);
     // Paged: block ids of this warp's tiles, read two fetches ahead of their copies (the
     // prologue reads all it needs at once), so a copy never waits on the table.
-    const int max_blocks = capacity / TILE;
-    const int* table_row = block_table + ((long long)b * kv_heads + kvh) * max_blocks;
     auto block_of = [&](int tile) -> int {
         if (KV4P_DIRECT) return (b * kv_heads + kvh) * max_blocks + tile;
-        return tile < max_blocks ? __ldg(table_row + tile) : 0;
+        if (tile >= max_blocks) return 0;
+        return EARLY ? load_fresh_s32(table_row + tile) : __ldg(table_row + tile);
     };
     auto fetch = [&](u32 stage, int rem, int block) {  // rem >= 1 tokens of the tile may be read
         constexpr int PF = KV4M_PF, PFP = KV4M_PF_PARAMS;
@@ -1188,16 +1223,18 @@ __device__ __forceinline__ void decode_kv4m(
         decode_kv4m<D, NW, NST, false>(DECODE_PASS, nullptr);                                     \
         TRACE_MARK(3);                                                                            \
     }
-// Round 4, the paged cache: the same body reading whole blocks through the block table.
-#define DEFINE_KV4P(NAME, D, NW, NST, MIN_CTAS)                                                   \
+// Round 4, the paged cache: the same body reading whole blocks through the block table; EARLY:
+// the early-start build (see prefetch_first_blocks).
+#define DEFINE_KV4P(NAME, D, NW, NST, MIN_CTAS, EARLY)                                            \
     extern "C" __global__ void __launch_bounds__(NW * 32, MIN_CTAS) NAME(                        \
         const u16 *q, const u8 *pool, const int *block_table, const int *lengths, int kv_heads,  \
         int group, int head_blocks, int max_blocks, int chunk, int splits, float scale_log2,     \
-        u16 *out, float *part_o, float *part_lse, int *tickets) {                                 \
+        u16 *out, float *part_o, float *part_lse, int *tickets, int pool_blocks) {                \
         TRACE_MARK(0);                                                                            \
-        decode_kv4m<D, NW, NST, true>(q, pool, nullptr, nullptr, nullptr, lengths, kv_heads,     \
-                                      group, head_blocks, max_blocks * TILE, chunk, splits,       \
-                                      scale_log2, out, part_o, part_lse, tickets, block_table);  \
+        decode_kv4m<D, NW, NST, true, EARLY>(q, pool, nullptr, nullptr, nullptr, lengths,        \
+                                             kv_heads, group, head_blocks, max_blocks * TILE,    \
+                                             chunk, splits, scale_log2, out, part_o, part_lse,   \
+                                             tickets, block_table, pool_blocks);                 \
         TRACE_MARK(3);                                                                            \
     }
 // -DBUILD_D64=0 / -DBUILD_ROUND1=0 / -DBUILD_OLD=0 leave builds out (faster compiles of
@@ -1212,11 +1249,15 @@ __device__ __forceinline__ void decode_kv4m(
 #define BUILD_OLD 1
 #endif
 #if BUILD_D64
-DEFINE_KV4P(decode_attention_kv4p_d64, 64, 4, KV4M_NST, 4)
-DEFINE_KV4P(decode_attention_kv4pw8_d64, 64, 8, KV4M_NST, 2)
+DEFINE_KV4P(decode_attention_kv4p_d64, 64, 4, KV4M_NST, 4, false)
+DEFINE_KV4P(decode_attention_kv4pw8_d64, 64, 8, KV4M_NST, 2, false)
+DEFINE_KV4P(decode_attention_kv4p_pdl_d64, 64, 4, KV4M_NST, 4, true)
+DEFINE_KV4P(decode_attention_kv4pw8_pdl_d64, 64, 8, KV4M_NST, 2, true)
 #endif
-DEFINE_KV4P(decode_attention_kv4p_d128, 128, 4, KV4M_NST, 4)
-DEFINE_KV4P(decode_attention_kv4pw8_d128, 128, 8, KV4M_NST, 2)
+DEFINE_KV4P(decode_attention_kv4p_d128, 128, 4, KV4M_NST, 4, false)
+DEFINE_KV4P(decode_attention_kv4pw8_d128, 128, 8, KV4M_NST, 2, false)
+DEFINE_KV4P(decode_attention_kv4p_pdl_d128, 128, 4, KV4M_NST, 4, true)
+DEFINE_KV4P(decode_attention_kv4pw8_pdl_d128, 128, 8, KV4M_NST, 2, true)
 #if BUILD_OLD
 #if BUILD_D64
 DEFINE_KV4M(decode_attention_kv4_d64, 64, 4, KV4M_NST, 4)

@@ -558,7 +558,7 @@ DEFINE_GEMV2(w4a4_gemv2_m16_g64, 64, 2, 12)
 
 // Weight bytes are read once: no L1 allocation, and a 256-byte L2 fetch (a warp's chunk of a row is
 // 128 contiguous bytes, the next chunk follows). Volatile keeps NVVM from moving them past
-// pdl_wait (ptxas still may: see pdl_wait_after_issued_loads).
+// pdl_wait (ptxas still may: see pdl_wait_after_arrival).
 template <int WORDS>
 __device__ __forceinline__ void load_weight_words(const unsigned char* p, bool valid,
                                                   unsigned (&w)[WORDS]) {
@@ -577,6 +577,35 @@ __device__ __forceinline__ void load_weight_words(const unsigned char* p, bool v
         else
             w[0] = w[1] = 0u;
     }
+}
+
+// Tokens may come from the kernel before this one: coherent loads (ld.global, no .nc), which ptxas
+// keeps behind griddepcontrol.wait. An .nc load (__ldg, or a const __restrict__ argument) promises
+// data that no one writes while the kernel runs, so ptxas may hoist it above the wait: it did in
+// streamt (SASS: every token LDG.CONSTANT before ACQBULK), which then read its producer's
+// activations before they were written (the graph race test's NaNs).
+template <int WORDS>
+__device__ __forceinline__ void load_fresh_words(const unsigned char* p, bool valid,
+                                                 unsigned (&w)[WORDS]) {
+    if constexpr (WORDS == 4) {
+        if (valid)
+            asm("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+                : "l"(p)
+                : "memory");
+        else
+            w[0] = w[1] = w[2] = w[3] = 0u;
+    } else {
+        if (valid)
+            asm("ld.global.v2.u32 {%0,%1}, [%2];\n" : "=r"(w[0]), "=r"(w[1]) : "l"(p) : "memory");
+        else
+            w[0] = w[1] = 0u;
+    }
+}
+__device__ __forceinline__ __half load_fresh_half(const __half* p, bool valid) {
+    unsigned short h = 0;
+    if (valid) asm("ld.global.u16 %0, [%1];\n" : "=h"(h) : "l"(p) : "memory");
+    return __ushort_as_half(h);
 }
 
 template <int G, int TILES>
@@ -619,7 +648,6 @@ __device__ __forceinline__ void stream_load_tokens(StreamChunk<G, TILES>& c, int
                                                    const unsigned char* __restrict__ a_codes,
                                                    const __half* __restrict__ a_scales) {
     constexpr int C = StreamChunk<G, TILES>::C, WORDS = G / 32;
-    const __half zero = __float2half_rn(0.f);
 #pragma unroll
     for (int tt = 0; tt < TILES; ++tt) {
         const long long tok = l.m0 + tt * 8 + l.gid, tok0 = l.m0 + tt * 8 + 2 * l.t;
@@ -627,10 +655,10 @@ __device__ __forceinline__ void stream_load_tokens(StreamChunk<G, TILES>& c, int
         for (int j = 0; j < C; ++j) {
             const int g = g0 + j;
             const bool in = g < l.g_end;
-            load_words<WORDS>(a_codes + tok * l.kb + g * (G / 2) + l.t * (G / 8), in && tok < M,
-                              c.x[tt][j]);
-            c.sa[tt][j].x = in && tok0 < M ? a_scales[tok0 * l.ng + g] : zero;
-            c.sa[tt][j].y = in && tok0 + 1 < M ? a_scales[(tok0 + 1) * l.ng + g] : zero;
+            load_fresh_words<WORDS>(a_codes + tok * l.kb + g * (G / 2) + l.t * (G / 8),
+                                    in && tok < M, c.x[tt][j]);
+            c.sa[tt][j].x = load_fresh_half(a_scales + tok0 * l.ng + g, in && tok0 < M);
+            c.sa[tt][j].y = load_fresh_half(a_scales + (tok0 + 1) * l.ng + g, in && tok0 + 1 < M);
         }
     }
 }
@@ -714,10 +742,11 @@ __device__ __forceinline__ void stream_outlier_tokens(StreamOutliers<TILES>& o, 
 #pragma unroll
     for (int tt = 0; tt < TILES; ++tt) {
         const long long tok = l.m0 + tt * 8 + l.gid, tok0 = l.m0 + tt * 8 + 2 * l.t;
-        load_words<2>(reinterpret_cast<const unsigned char*>(a_out) + tok * k + o.off,
-                      o.in && tok < M, o.x[tt]);
-        o.sa[tt].x = o.has && tok0 < M ? __half2float(a_oscale[tok0]) * 256.f : 0.f;
-        o.sa[tt].y = o.has && tok0 + 1 < M ? __half2float(a_oscale[tok0 + 1]) * 256.f : 0.f;
+        load_fresh_words<2>(reinterpret_cast<const unsigned char*>(a_out) + tok * k + o.off,
+                            o.in && tok < M, o.x[tt]);
+        o.sa[tt].x = __half2float(load_fresh_half(a_oscale + tok0, o.has && tok0 < M)) * 256.f;
+        o.sa[tt].y =
+            __half2float(load_fresh_half(a_oscale + tok0 + 1, o.has && tok0 + 1 < M)) * 256.f;
     }
 }
 
@@ -779,6 +808,21 @@ __device__ __forceinline__ int stream_setup(StreamLane& l, StreamOutliers<TILES>
     o.off = warp * 32 + l.t * 8;
     o.in = o.has && o.off < k;
     return warp * l.ng / STREAM_WARPS;
+}
+
+// XOR of every weight word a CTA requests before its pdl wait (see pdl_wait_after_arrival).
+template <int G, int TILES>
+__device__ __forceinline__ unsigned stream_fold_weights(const StreamChunk<G, TILES>& a,
+                                                        const StreamChunk<G, TILES>& b,
+                                                        const StreamOutliers<TILES>& o) {
+    unsigned x = o.w0[0] ^ o.w0[1] ^ o.w1[0] ^ o.w1[1];
+#pragma unroll
+    for (int j = 0; j < StreamChunk<G, TILES>::C; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int e = 0; e < G / 32; ++e) x ^= a.w[j][r][e] ^ b.w[j][r][e];
+    return x;
 }
 
 template <int G, int TILES>
@@ -901,7 +945,7 @@ __device__ void gemv_stream_tiles(GEMV_ARGS) {
     stream_load_weights(A, g_begin, l);
     stream_load_weights(B, g_begin + C, l);
     stream_outlier_weights(o, tile, l, N, k, w_out, w_oscale);
-    pdl_wait_after_issued_loads(M > 0);
+    pdl_wait_after_arrival(stream_fold_weights(A, B, o), M > 0);
     stream_load_tokens(A, g_begin, l, M, a_codes, a_scales);
     stream_load_tokens(B, g_begin + C, l, M, a_codes, a_scales);
     stream_outlier_tokens(o, l, M, k, a_out, a_oscale);

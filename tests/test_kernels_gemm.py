@@ -396,11 +396,12 @@ def test_gemv_refuses_a_k_too_long_for_its_registers():
 
 def test_early_start_launches_only_for_static_weights():
     for m in (1, 8, 16):
-        static = ko.auto_gemm_variant(m, 4096, 4096, static_weights=True)
-        plain = ko.auto_gemm_variant(m, 4096, 4096, static_weights=False)
-        assert static.endswith("_pdl") and not plain.endswith("_pdl")
-        assert not static.startswith("streamt")  # streamt_*_pdl failed the graph race test
-        assert plain in ko.GEMM_VARIANTS and static in ko.GEMM_VARIANTS
+        for n, form in ((4096, "stream_"), (11008, "streamt_")):
+            static = ko.auto_gemm_variant(m, n, 4096, static_weights=True)
+            plain = ko.auto_gemm_variant(m, n, 4096, static_weights=False)
+            assert static.endswith("_pdl") and not plain.endswith("_pdl")
+            assert static.startswith(form) and plain.startswith(form)
+            assert plain in ko.GEMM_VARIANTS and static in ko.GEMM_VARIANTS
     assert ko.auto_gemm_variant(4096, 4096, 4096, False) == ko.choose_gemm_variant(4096)
 
 
@@ -410,8 +411,9 @@ def test_early_start_launches_only_for_static_weights():
 @pytest.mark.parametrize("m", [2, 11])
 def test_auto_dispatch_falls_back_from_the_persistent_stream_on_a_long_k(m):
     """K - k = 11008 - 128: 85 groups, more than streamt's registers hold; "auto" picks streamt
-    for M <= 16 and must run stream instead (forcing streamt raises, naming the groups)."""
-    k_total, k, n = 11008, 128, 272
+    for M <= 16 at a large N and must run stream instead (forcing streamt raises, naming the
+    groups)."""
+    k_total, k, n = 11008, 128, ko.STREAMT_MIN_N
     assert ko.choose_gemm_variant(m, n, k_total, static_weights=False).startswith("streamt")
     a = encode_mixed(_acts(m, k_total), k, 4, 128, 0.9)
     w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.05).half(), k, 4, 128, 0.85)
@@ -446,10 +448,8 @@ def test_stream_variants_name_kernels_of_the_gemv_source():
 @gpu
 @sm90
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["stream_m8_pdl", "stream_m16_pdl", *[
-    pytest.param(v, marks=pytest.mark.xfail(reason="not dispatched: streamt_m8_pdl read poisoned "
-                                            "activations here on the H100 (cause not found)"))
-    for v in ("streamt_m8_pdl", "streamt_m16_pdl")]])
+@pytest.mark.parametrize("variant", ["stream_m8_pdl", "stream_m16_pdl", "streamt_m8_pdl",
+                                     "streamt_m16_pdl"])
 def test_pdl_gemm_in_a_graph_reads_what_its_producer_wrote(variant):
     """A graph of quantize (writes the activation operand) then the PDL GEMM, replayed on freshly
     poisoned buffers: the GEMM's activation reads wait for the producer (griddepcontrol.wait), so

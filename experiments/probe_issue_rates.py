@@ -1,0 +1,82 @@
+"""Per-SM throughput of the W4A4 GEMM fold's instructions on this GPU (kernels/issue_rate_probe.cu).
+
+  python experiments/probe_issue_rates.py --out DIR     # GPU: prints a table, writes JSON + MD
+
+The large-M GEMM folds each K-group's int32 sum into an fp32 accumulator: I2FP, FMUL (sa * sw),
+FFMA per output element and group. This measures results per SM and clock of I2FP, of FFMA and of
+the exact magic-number conversion (IADD + FADD) that can replace I2FP, and what each conversion
+caps the GEMM at: one conversion per output element per group of G products.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from atom_lab.cuda import get_kernel  # noqa: E402
+
+PROBES = {"probe_i2f": "I2FP.F32.S32 (cvt.rn.f32.s32)", "probe_ffma": "FFMA",
+          "probe_magic": "IADD + FADD (exact conversion, one step = 2 instructions)"}
+CHAINS, THREADS = 8, 1024  # as the .cu file
+
+
+def rate(name: str, sms: int, iters: int = 4096, repeats: int = 5) -> float:
+    """Median results per SM and clock cycle of one probe over `repeats` launches."""
+    import cupy
+
+    kernel = get_kernel("issue_rate_probe", name)
+    sink = cupy.zeros(THREADS, dtype=cupy.uint32)
+    cycles = cupy.zeros(sms, dtype=cupy.int64)
+    rates = []
+    for _ in range(repeats + 1):  # the first launch warms up
+        kernel((sms,), (THREADS,), (np.int32(iters), sink, cycles))
+        cupy.cuda.Device().synchronize()
+        rates.append(THREADS * CHAINS * iters / float(cupy.median(cycles)))
+    return statistics.median(rates[1:])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("experiments/results"))
+    ap.add_argument("--group", type=int, default=128, help="K-group size G of the fold")
+    args = ap.parse_args()
+    import cupy
+
+    dev = cupy.cuda.Device()
+    props = cupy.cuda.runtime.getDeviceProperties(dev.id)
+    sms = props["multiProcessorCount"]
+    # Dense INT8 tensor MACs per SM and clock on Hopper: 4 tensor cores x 1024 (H100 SXM's 1979
+    # TOPS = 2 x 4096 x 132 SMs x 1.83 GHz); bench_gemm measures the rate in ops per second.
+    macs_per_clk = 4096
+    rows = []
+    for name, what in PROBES.items():
+        r = rate(name, sms)
+        cap = r * args.group / macs_per_clk  # conversions a clock x MACs each / tensor MACs a clock
+        rows.append(dict(probe=name, instruction=what, per_sm_per_clk=round(r, 1),
+                         fold_cap_of_int8_peak=round(min(cap, 1.0), 3)))
+    device = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    lines = [f"# Fold instruction throughput ({device}, {sms} SMs)", "",
+             f"One CTA of {THREADS} threads an SM, {CHAINS} independent chains a thread; results "
+             f"per SM and clock (clock64). Cap: one conversion per output element per K-group of "
+             f"{args.group} products, against {macs_per_clk} INT8 MACs per SM and clock (dense "
+             f"wgmma peak): the fraction of the INT8 peak this instruction alone allows.", "",
+             "| probe | instruction | per SM per clock | cap, fraction of INT8 peak |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['probe']} | {r['instruction']} | {r['per_sm_per_clk']} | "
+              f"{r['fold_cap_of_int8_peak']} |" for r in rows]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "issue_rates.json").write_text(json.dumps(dict(device=device, sms=sms, rows=rows),
+                                                          indent=1))
+    (args.out / "issue_rates.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
