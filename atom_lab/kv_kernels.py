@@ -24,7 +24,9 @@ in memory; the all-heads page measured no faster either.
 `k_quantized(b)` / `v_quantized(b)` read a sequence back as formats.KVQuantized tensors and
 `append_quantized` writes KVQuantized tensors in (the two conversions of the layout);
 `to_contiguous` gives rounds 1-3's contiguous layout, which `decode_attention_kv4` still runs
-as the measured comparison.
+as the measured comparison. The "_pdl" builds of the paged kernel start early (programmatic
+dependent launch: only L2 prefetch hints before they wait for the previous kernel, so correct
+behind any producer); measured no faster (slower on grids of one CTA an SM), they are not planned.
 
 Only one quantization group per head (kv_group_size 0 or head_dim) is supported: the decode
 kernel folds the dequantization into the dot products as s * (q.c - z * sum(q)), which needs one

@@ -12,6 +12,8 @@ Variants timed side by side in the same process on the same data:
         contiguous run of codes + fp16 scale/zero, through a block table): the planner's pick of
         build (4 or 8 warps a CTA) and split-K partitions; kv4_best: the fastest of a sweep over
         partition counts and both builds (a check of the planner's model)
+  twin  the planned kernel and plan launched the other way: plain <-> early start ("_pdl" builds,
+        programmatic dependent launch; round 5, not planned: not faster)
   old   the same cache in rounds 1-3's contiguous layout (codes and params of K and V in four
         separate arrays), round 3's planner over its builds (round 3's kernel with 4 or 8 warps,
         round 1's kernel)
@@ -445,7 +447,7 @@ def plot(csv_path: Path, png_path: Path) -> None:
         labels = [f"B{r['batch']}\nL{r['context']}" for r in sub]
         x = range(len(sub))
         w = 0.21
-        for i, (col, lab) in enumerate((("kv4_us", "4-bit KV, paged (round 4, planned)"),
+        for i, (col, lab) in enumerate((("kv4_us", "4-bit KV, paged (planned)"),
                                         ("old_us", "4-bit KV, contiguous (round 3)"),
                                         ("fp16_us", "FP16 KV (round-1 kernel)"),
                                         ("sdpa_us", "FP16 KV (torch SDPA)"))):

@@ -41,40 +41,53 @@ def rate(name: str, sms: int, iters: int = 4096, repeats: int = 5) -> float:
     return statistics.median(rates[1:])
 
 
+MACS_PER_CLK = 4096  # dense INT8 tensor MACs per SM and clock on Hopper: 4 tensor cores x 1024
+#                     (H100 SXM's 1979 TOPS = 2 x 4096 x 132 SMs x 1.83 GHz)
+
+
+def write_report(rates: dict, device: str, sms: int, group: int, out: Path) -> str:
+    """rates: probe -> results per SM and clock. Writes issue_rates.{json,md}; returns the MD."""
+    rows = [dict(probe=name, instruction=PROBES[name], per_sm_per_clk=round(r, 1),
+                 # one conversion per output element and K-group of `group` products: the INT8
+                 # tensor rate this instruction alone could keep up with, as a multiple of the peak
+                 fold_cap_x_int8_peak=round(r * group / MACS_PER_CLK, 2))
+            for name, r in rates.items()]
+    lines = [f"# Fold instruction throughput ({device}, {sms} SMs)", "",
+             f"One CTA of {THREADS} threads an SM, {CHAINS} independent chains a thread; results "
+             f"per SM and clock (clock64). Cap: one conversion per output element per K-group of "
+             f"{group} products against {MACS_PER_CLK} INT8 MACs per SM and clock (dense wgmma "
+             f"peak), i.e. the multiple of the INT8 peak this instruction alone could feed (< 1: "
+             f"it alone would cap the GEMM below the peak).", "",
+             "| probe | instruction | per SM per clock | cap, x INT8 peak |", "|---|---|---|---|"]
+    lines += [f"| {r['probe']} | {r['instruction']} | {r['per_sm_per_clk']} | "
+              f"{r['fold_cap_x_int8_peak']} |" for r in rows]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "issue_rates.json").write_text(json.dumps(
+        dict(device=device, sms=sms, group=group, rates=rates, rows=rows), indent=1))
+    md = "\n".join(lines) + "\n"
+    (out / "issue_rates.md").write_text(md)
+    return md
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("experiments/results"))
     ap.add_argument("--group", type=int, default=128, help="K-group size G of the fold")
+    ap.add_argument("--from-json", type=Path, help="anywhere: rewrite the report of a saved run")
     args = ap.parse_args()
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        rates = saved.get("rates") or {r["probe"]: r["per_sm_per_clk"] for r in saved["rows"]}
+        print(write_report(rates, saved["device"], saved["sms"], args.group, args.out))
+        return 0
     import cupy
 
-    dev = cupy.cuda.Device()
-    props = cupy.cuda.runtime.getDeviceProperties(dev.id)
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     sms = props["multiProcessorCount"]
-    # Dense INT8 tensor MACs per SM and clock on Hopper: 4 tensor cores x 1024 (H100 SXM's 1979
-    # TOPS = 2 x 4096 x 132 SMs x 1.83 GHz); bench_gemm measures the rate in ops per second.
-    macs_per_clk = 4096
-    rows = []
-    for name, what in PROBES.items():
-        r = rate(name, sms)
-        cap = r * args.group / macs_per_clk  # conversions a clock x MACs each / tensor MACs a clock
-        rows.append(dict(probe=name, instruction=what, per_sm_per_clk=round(r, 1),
-                         fold_cap_of_int8_peak=round(min(cap, 1.0), 3)))
-    device = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    lines = [f"# Fold instruction throughput ({device}, {sms} SMs)", "",
-             f"One CTA of {THREADS} threads an SM, {CHAINS} independent chains a thread; results "
-             f"per SM and clock (clock64). Cap: one conversion per output element per K-group of "
-             f"{args.group} products, against {macs_per_clk} INT8 MACs per SM and clock (dense "
-             f"wgmma peak): the fraction of the INT8 peak this instruction alone allows.", "",
-             "| probe | instruction | per SM per clock | cap, fraction of INT8 peak |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['probe']} | {r['instruction']} | {r['per_sm_per_clk']} | "
-              f"{r['fold_cap_of_int8_peak']} |" for r in rows]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "issue_rates.json").write_text(json.dumps(dict(device=device, sms=sms, rows=rows),
-                                                          indent=1))
-    (args.out / "issue_rates.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    name = props["name"]
+    device = name.decode() if isinstance(name, bytes) else str(name)
+    rates = {probe: rate(probe, sms) for probe in PROBES}
+    print(write_report(rates, device, sms, args.group, args.out))
     return 0
 
 
