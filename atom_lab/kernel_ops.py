@@ -20,8 +20,7 @@ import functools
 import numpy as np
 import torch
 
-from atom_lab.cuda import (get_kernel, launch_early, launch_pdl,  # noqa: F401 (launch_pdl: benches)
-                           require_kernel_backend, torch_current_stream)
+from atom_lab.cuda import get_kernel, launch_early, require_kernel_backend, torch_current_stream
 from atom_lab.formats import MixedQuantized
 
 SUPPORTED_GROUPS = (64, 128)
@@ -81,7 +80,7 @@ STREAM_WARPS, STREAM_GROUPS, STREAM_CTAS_PER_SM = 8, 2, 2  # as the .cu file (__
 STREAMT_MAX_GROUPS = STREAM_WARPS * 2 * STREAM_GROUPS
 # streamt dispatched from this N up (round 5, H100, gemm_h100_notes.md): with more 16-row weight
 # tiles than one wave of CTAs (N = 11008, 12288) walking them is faster; at N = 4096 (one tile a
-# CTA) the one-shot stream is
+# CTA) the one-shot stream is faster
 STREAMT_MIN_N = 8192
 # Large M on Hopper (sm_90a, kernels/w4a4_gemm_sm90.cu): wgmma s8 with activations from
 # registers, a producer warpgroup unpacking the weight tile into shared memory, two consumer
@@ -489,9 +488,9 @@ def mixed_gemm(a: MixedQuantized, w: MixedQuantized, bias: torch.Tensor | None =
                static_weights: bool = False) -> torch.Tensor:
     """FP16 Y [M, N] = decode(a) @ decode(w)^T (+ bias), as formats.mixed_gemm_reference.
 
-    static_weights=True promises that the kernel launched just before this call did not write w
-    (true of a model's weights): "auto" may then pick a "_pdl" variant, which reads the weights
-    while that kernel is still running. Without the promise "auto" launches plainly; naming a
+    static_weights=True promises that the kernel launched just before this call did not write w or
+    bias (true of a model's): "auto" may then pick a "_pdl" variant, which reads them while that
+    kernel is still running. Without the promise "auto" launches plainly; naming a
     "_pdl" variant explicitly makes the same promise."""
     require_kernel_backend()
     m, n, kn, k = check_gemm_operands(a, w)

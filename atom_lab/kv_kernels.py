@@ -13,12 +13,12 @@ Cache layout: paged, 16-token blocks (as vLLM and FlashInfer, which Atom's kerne
 Sequences of different lengths share one pool and grow a block at a time without copies; the host
 allocates blocks on append (one (sequence, head) after the other, so a prompt's blocks of one
 head are consecutive in a fresh pool) and takes them back on `release`. The decode kernel copies
-a whole block per 16-token tile (one contiguous run instead of round 3's four streams of K codes,
-V codes, K params, V params) and reads each block id two tiles ahead of its copies. Measured on
-the H100 (round 4, attention_notes.md): the runs are copied no faster than the four streams
-(60.0 vs 60.0 us on a 142 MB row), the same kernel body runs within 1% of the contiguous layout
-on grids of many CTAs, the table read costs up to 11% on grids of one CTA an SM (kv4p; the
-8-warp build hides most of it), and blocks scattered over the pool up to 4%. Blocks hold one KV
+a whole block per 16-token tile with one bulk copy (the TMA engine, round 5: 7-10% faster than
+cp.async copies on every measured row) and reads each block id two tiles ahead of its copies.
+Measured on the H100 (round 4, attention_notes.md): with cp.async copies the runs came no faster
+than round 3's four streams of K codes, V codes, K params and V params (60.0 vs 60.0 us on a
+142 MB row), the table read costs up to 11% on grids of one CTA an SM (kv4p; the 8-warp build
+hides most of it), and blocks scattered over the pool up to 4%. Blocks hold one KV
 head each (not all heads of 16 tokens, as vLLM's pages): so a head's tokens can be consecutive
 in memory; the all-heads page measured no faster either.
 `k_quantized(b)` / `v_quantized(b)` read a sequence back as formats.KVQuantized tensors and
@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -76,16 +77,12 @@ class DecodeBuild:
 
 
 BUILDS = {
-    # round 4: the round-3 body on the paged cache, one contiguous run a tile. Constants: round
-    # 3's kv4 / kv4w8 with a guessed higher sustained rate, the 8-warp build favoured on one-wave
-    # grids (round 4 run 1: 0-4% faster there); run 2's plans are within 1.3% of its sweep's best
-    # on every target row
-    "kv4p": DecodeBuild(4, 4, "kv4m", 2.85e12, 25e9, 3.8e-6, 0.126, 0.7e-6),
-    "kv4pw8": DecodeBuild(8, 4, "kv4m", 2.88e12, 35e9, 4.0e-6, 0.126, 1.1e-6),
-    # round 5: the same two builds started early (PDL), L2 prefetches of their first blocks before
-    # they wait for the previous kernel
-    "kv4p_pdl": DecodeBuild(4, 4, "kv4m", 2.85e12, 25e9, 3.8e-6, 0.126, 0.7e-6, early=True),
-    "kv4pw8_pdl": DecodeBuild(8, 4, "kv4m", 2.88e12, 35e9, 4.0e-6, 0.126, 1.1e-6, early=True),
+    # the round-3 body on the paged cache, a block a tile by one bulk copy (round 5). Rates refit
+    # to round 5's sweep (attention_bench.csv): sustained ~2.95 TB/s; a lone CTA an SM reads 17
+    # (4 warps) / 20 (8 warps) GB/s; planned within 2% of the sweep's best on every row with
+    # batch >= 16
+    "kv4p": DecodeBuild(4, 4, "kv4m", 2.95e12, 17e9, 3.8e-6, 0.126, 0.7e-6),
+    "kv4pw8": DecodeBuild(8, 4, "kv4m", 2.97e12, 20e9, 4.0e-6, 0.126, 1.1e-6),
     # The contiguous layout of rounds 1-3 (decode_attention_kv4), the measured comparison.
     # round 3 body (software-pipelined, L2 128-byte prefetch hint): 4 CTAs an SM
     "kv4": DecodeBuild(4, 4, "kv4m", 2.65e12, 23.5e9, 3.6e-6, 0.126, 0.7e-6),
@@ -98,6 +95,9 @@ BUILDS = {
     "kv4v3": DecodeBuild(4, 4, "kv4v3", 3.01e12, 16.9e9, 4.8e-6, 0.305, 4.0e-6),
     "fp16": DecodeBuild(4, 3, "fp16", 2.95e12, 21e9, 5e-6),
 }
+# round 5: the two paged builds started early (PDL: L2 prefetches of their first blocks before they
+# wait for the previous kernel); measured no faster, so not planned
+BUILDS.update({f"{name}_pdl": replace(BUILDS[name], early=True) for name in ("kv4p", "kv4pw8")})
 # builds a cache format runs ("kv4p": paged, "kv4": contiguous) and those the planner picks from
 _FAMILY = {"kv4p": ("kv4p", "kv4pw8", "kv4p_pdl", "kv4pw8_pdl"),
            "kv4": ("kv4", "kv4w8", "kv4s6", "kv4v3"), "fp16": ("fp16",)}
@@ -223,11 +223,23 @@ def _stage_bytes(build: str, head_dim: int) -> int:
     return 2 * TILE * (2 * head_dim + 16)
 
 
-def _smem_bytes(build: str, head_dim: int) -> int:
+# builds whose ring depth is the source's KV4M_NST (a -DKV4M_NST=N compile option changes it)
+_NST_BUILDS = ("kv4p", "kv4pw8", "kv4p_pdl", "kv4pw8_pdl", "kv4", "kv4w8")
+
+
+def _ring_stages(build: str, options: tuple[str, ...] = ()) -> int:
+    for opt in options:
+        m = re.fullmatch(r"-DKV4M_NST=(\d+)", opt)
+        if m and build in _NST_BUILDS:
+            return int(m.group(1))
+    return BUILDS[build].stages
+
+
+def _smem_bytes(build: str, head_dim: int, options: tuple[str, ...] = ()) -> int:
     """Dynamic shared memory of a decode CTA: the query rows plus each warp's cp.async ring, which
     the epilogue reuses for the warps' outputs, maxima, sums and the split-K weights."""
     spec = BUILDS[build]
-    rings = spec.warps * spec.stages * _stage_bytes(build, head_dim)
+    rings = spec.warps * _ring_stages(build, options) * _stage_bytes(build, head_dim)
     merge = 4 * (spec.warps * HEADS_PER_CTA * (head_dim + 2) + HEADS_PER_CTA * MAX_SPLITS)
     return HEADS_PER_CTA * head_dim * 2 + max(rings, merge)
 
@@ -248,7 +260,7 @@ def kernel_shapes(family: str, head_dim: int, device_index: int = 0,
 @functools.lru_cache(maxsize=None)
 def _decode_kernel(fmt: str, head_dim: int, options: tuple[str, ...] = ()):
     kernel = get_kernel("decode_attention", f"decode_attention_{fmt}_d{head_dim}", options)
-    smem = _smem_bytes(fmt, head_dim)
+    smem = _smem_bytes(fmt, head_dim, options)
     if smem > 48 * 1024:
         kernel.max_dynamic_shared_size_bytes = smem
     try:  # several CTAs' rings must fit on one SM: ask for the largest shared-memory carveout
@@ -271,7 +283,7 @@ def _resident_ctas(fmt: str, head_dim: int, device_index: int,
     smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
     threads = BUILDS[fmt].warps * 32
     by_regs = 65536 // max(regs * threads, 1)
-    by_smem = smem_sm // (_smem_bytes(fmt, head_dim) + 1024)
+    by_smem = smem_sm // (_smem_bytes(fmt, head_dim, options) + 1024)
     return props.multi_processor_count, max(1, min(by_regs, by_smem, 2048 // threads))
 
 
@@ -300,11 +312,12 @@ def decode_attention_paged(q, pool, block_table, lengths, max_len: int,
     q [B, Hq, D] fp16; pool uint8 [num_blocks, block_bytes(D)]; block_table int32
     [B, Hkv, max_blocks]; lengths int32 [B] on the device, max_len >= max(lengths) known on the
     host.
-    Returns [B, Hq, D] fp16 (written into `out` if given). plan.kernel picks a build ("kv4p" or
-    "kv4pw8"); compile_options (NVRTC flags) build a tuning variant.
+    Returns [B, Hq, D] fp16 (written into `out` if given). plan.kernel picks a build ("kv4p",
+    "kv4pw8", or their early-start twins "kv4p_pdl", "kv4pw8_pdl"); compile_options (NVRTC
+    flags) build a tuning variant.
     """
-    if pool.dim() != 2 or pool.dtype != torch.uint8:
-        raise ValueError(f"pool: expected uint8 [num_blocks, block bytes], got "
+    if pool.dim() != 2 or pool.dtype != torch.uint8 or pool.shape[0] < 1:
+        raise ValueError(f"pool: expected uint8 [num_blocks >= 1, block bytes], got "
                          f"{pool.dtype} {tuple(pool.shape)}")
     D = pool.shape[1] // BLOCK_TOKENS - 8
     if D not in HEAD_DIMS or pool.shape[1] != block_bytes(D):
@@ -389,7 +402,7 @@ def _decode(family, q, sources, lengths, max_len, B, Hkv, cap, extent, D, softma
         _ptr(lengths), np.int32(Hkv), np.int32(group), np.int32(head_blocks), np.int32(extent),
         np.int32(plan.chunk), np.int32(plan.splits), np.float32(scale * math.log2(math.e)),
         _ptr(out), _ptr(part_o), _ptr(part_lse), _ptr(tickets)) + tuple(extra_args)
-    kernel, smem = _decode_kernel(fmt, D, options), _smem_bytes(fmt, D)
+    kernel, smem = _decode_kernel(fmt, D, options), _smem_bytes(fmt, D, options)
     grid, block = (plan.splits, Hkv * head_blocks, B), (BUILDS[fmt].warps * 32, 1, 1)
     if not (BUILDS[fmt].early and launch_early(kernel, grid, block, args, smem, device)):
         _launch(kernel, grid, block, args, smem)

@@ -9,7 +9,8 @@
 
 Variants timed side by side in the same process on the same data:
   kv4   our kernel on the paged 4-bit cache (round 4: blocks of 16 tokens of one KV head, one
-        contiguous run of codes + fp16 scale/zero, through a block table): the planner's pick of
+        contiguous run of codes + fp16 scale/zero, through a block table; round 5: each block
+        copied by one bulk copy, the TMA engine): the planner's pick of
         build (4 or 8 warps a CTA) and split-K partitions; kv4_best: the fastest of a sweep over
         partition counts and both builds (a check of the planner's model)
   twin  the planned kernel and plan launched the other way: plain <-> early start ("_pdl" builds,
@@ -79,11 +80,33 @@ ABLATIONS = [
     ("kv4p without the table (direct addresses)", "paged", "kv4p", ("-DKV4P_DIRECT=1",) +
      PAGED_ONLY, "row", None),
     ("kv4p 3-stage rings", "paged", "kv4p", ("-DKV4M_NST=3",) + PAGED_ONLY, "ragged", None),
+    ("kv4p 6-stage rings", "paged", "kv4p", ("-DKV4M_NST=6",) + PAGED_ONLY, "ragged", None),
+    ("kv4pw8 6-stage rings", "paged", "kv4pw8", ("-DKV4M_NST=6",) + PAGED_ONLY, "ragged", None),
+    ("kv4pw8 8-stage rings", "paged", "kv4pw8", ("-DKV4M_NST=8",) + PAGED_ONLY, "ragged", None),
+    *[(f"{b} cp.async copies (round 4)", "paged", b, ("-DKV4P_BULK=0",) + PAGED_ONLY, "ragged",
+       None) for b in ("kv4p", "kv4pw8")],
+    ("kv4pw8 bulk copies, 6 stages", "paged", "kv4pw8", ("-DKV4M_NST=6",) + PAGED_ONLY, "ragged",
+     None),
+    ("kv4pw8 bulk copies, 5 stages", "paged", "kv4pw8", ("-DKV4M_NST=5",) + PAGED_ONLY, "ragged",
+     None),
+    ("kv4pw8 bulk copies, 3 stages", "paged", "kv4pw8", ("-DKV4M_NST=3",) + PAGED_ONLY, "ragged",
+     None),
+    *[(f"{b} bulk copies, L2 evict-first", "paged", b, ("-DKV4P_EVICT_FIRST=1",) + PAGED_ONLY,
+       "ragged", None) for b in ("kv4p", "kv4pw8")],
+    ("diag: kv4p cp.async copies only (round 4)", "paged", "kv4p",
+     ("-DKV4P_BULK=0", "-DKV4M_LOAD_ONLY=1") + PAGED_ONLY, "diag", (1,)),
     ("kv4p L2 256B hint", "paged", "kv4p", ("-DKV4M_PF=256",) + PAGED_ONLY, "ragged", None),
     ("diag: kv4p copies only", "paged", "kv4p", ("-DKV4M_LOAD_ONLY=1",) + PAGED_ONLY, "diag",
      (1,)),
     ("diag: contiguous kv4 copies only", "old", "kv4", ("-DKV4M_LOAD_ONLY=1",) + SUBSET, "diag",
      (1,)),
+    ("diag: plain 16-byte reads of the pool (kernels/read_probe.cu)", "read", "", (), "diag", (1,)),
+    ("diag: 16-byte reads, one contiguous range a CTA (as decode CTAs)", "read_ranges", "", (),
+     "diag", (1,)),
+    ("paged kv4p, blocks position-major (tile, sequence, head)", "position", "kv4p", (), "ragged",
+     None),
+    ("paged kv4pw8, blocks position-major (tile, sequence, head)", "position", "kv4pw8", (),
+     "ragged", None),
 ]
 # (config, batch, context, split-K partition counts)
 ABLATION_ROWS = [("llama7b_mha", 16, 2048, (1,)), ("gqa_32q_8kv", 64, 2048, (1,)),
@@ -142,13 +165,27 @@ def shuffle_blocks(cache, gen=None):
     return pool, perm[cache.block_table.long()].int()
 
 
+def position_major_blocks(cache):
+    """The cache's blocks moved so that block i of every (sequence, KV head) lies next to block i
+    of the others (pool order: tile, sequence, head), and the table that finds them."""
+    table = cache.block_table.long()  # [B, Hkv, max_blocks]
+    order = table.permute(2, 0, 1).reshape(-1)  # old ids in position-major order
+    pool = torch.empty_like(cache.pool)
+    pool[: order.numel()] = cache.pool[order]
+    new_id = torch.zeros(cache.pool.shape[0], dtype=torch.long, device=order.device)
+    new_id[order] = torch.arange(order.numel(), device=order.device)
+    return pool, new_id[table].int()
+
+
 def layout_args(s: dict, layout: str) -> tuple:
     """The tensors the decode function of `layout` takes before the lengths (made once a set)."""
     c = s["cache"]
     if layout == "paged":
         return c.pool, c.block_table
     if layout not in s:
-        s[layout] = shuffle_blocks(c) if layout == "shuffled" else kk.to_contiguous(c)
+        make = {"shuffled": shuffle_blocks, "position": position_major_blocks}.get(
+            layout, kk.to_contiguous)
+        s[layout] = make(c)
     return s[layout]
 
 
@@ -493,6 +530,27 @@ def variant_check(layout: str, build: str, opts: tuple) -> float:
     return worst
 
 
+def read_pool(pool: torch.Tensor, ctas_per_sm: int = 8, ranges: int | None = None) -> None:
+    """Read every byte of the pool once with plain 16-byte loads (the copy ceiling in this
+    timing): one grid-stride sweep, or `ranges` CTAs each reading one contiguous range."""
+    from atom_lab.cuda import get_kernel
+
+    sms = torch.cuda.get_device_properties(pool.device).multi_processor_count
+    grid, n16 = ranges or sms * ctas_per_sm, pool.numel() // 16
+    if READ_SINK.get(grid) is None:
+        READ_SINK[grid] = torch.zeros(grid, dtype=torch.int32, device=pool.device)
+    sink = kk._ptr(READ_SINK[grid])
+    if ranges:
+        kk._launch(get_kernel("read_probe", "read_probe_ranges"), (grid, 1, 1), (256, 1, 1),
+                   (kk._ptr(pool), np.int64(n16), np.int64(-(-n16 // grid)), sink))
+    else:
+        kk._launch(get_kernel("read_probe", "read_probe_v16"), (grid, 1, 1), (256, 1, 1),
+                   (kk._ptr(pool), np.int64(n16), sink))
+
+
+READ_SINK: dict[int, torch.Tensor] = {}
+
+
 def ablate(out_dir: Path, only: list[str] | None = None) -> None:
     """Time every ABLATIONS variant (or those whose label contains one of `only`) on
     ABLATION_ROWS; each "ragged" variant is checked first on ragged inputs, each non-diagnostic
@@ -510,7 +568,7 @@ def ablate(out_dir: Path, only: list[str] | None = None) -> None:
                 for _ in range(max(1, min(256, math.ceil(ROTATE_BYTES / cache_kv4))))]
         for s in sets:
             s["cache"].append(s["k"], s["v"])
-            for layout in ("old", "shuffled"):
+            for layout in ("old", "shuffled", "position"):
                 layout_args(s, layout)
         s0 = sets[0]
         identity = torch.arange(B * hkv * (L // 16), device="cuda", dtype=torch.int32)
@@ -519,6 +577,15 @@ def ablate(out_dir: Path, only: list[str] | None = None) -> None:
         ref = kk.reference_decode_attention(s0["q"][:1], s0["k"][:1], s0["v"][:1], [L])
         line = []
         for label, layout, build, opts, check, splits in variants:
+            if layout.startswith("read"):
+                ctas = None if layout == "read" else B * hkv  # one range a sequence and KV head
+                t = time_calls([lambda s=s: read_pool(s["cache"].pool, ranges=ctas)
+                                for s in sets])[0]
+                records.append(dict(config=config, batch=B, context=L, variant=label, splits=1,
+                                    us=t * 1e6, err=math.nan, check=check, ragged_err=math.nan,
+                                    MB=cache_kv4 / 1e6))
+                line.append(f"{label} {t * 1e6:.1f}")
+                continue
             for n in splits or row_splits:
                 plan = split_plan(L, n, build)
                 if plan.splits != n or (splits and n not in row_splits and n > max(row_splits)):

@@ -42,6 +42,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atom_lab import kernel_ops as ko  # noqa: E402
+import atom_lab.cuda  # noqa: E402
+from atom_lab.cuda import launch_pdl  # noqa: E402
 from gpu_timing import time_graph  # noqa: E402  (experiments/ is on sys.path as the script folder)
 from atom_lab.formats import MixedQuantized, decode_mixed, encode_mixed  # noqa: E402
 
@@ -289,6 +291,9 @@ def probe_pdl() -> bool:
         torch.cuda.synchronize()
         same = torch.equal(plain, eager) and all(torch.equal(plain, y) for y in ys)
         log(f"PDL launch probe: {'same bits as the plain launch' if same else 'DIFFERENT bits'}")
+        if atom_lab.cuda._EARLY_LAUNCH_FAILED:  # mixed_gemm fell back to plain launches
+            log("PDL launch probe: the early launch fell back to a plain one; _pdl variants dropped")
+            return False
         return same
     except Exception as exc:  # noqa: BLE001 -- any failure only drops the variants, reported
         log(f"PDL launch unusable here, _pdl variants dropped: {exc!r}")
@@ -481,7 +486,7 @@ def timeline_launcher(variant: str, a: MixedQuantized, w: MixedQuantized, y: tor
         kernel.max_dynamic_shared_size_bytes = smem
     args = args + extra + (np.uint64(record.data_ptr()),)
     if variant.endswith("_pdl"):
-        return grid[0] * grid[1], lambda: ko.launch_pdl(kernel, grid, (threads,), args, smem, dev)
+        return grid[0] * grid[1], lambda: launch_pdl(kernel, grid, (threads,), args, smem, dev)
 
     def launch():
         with cupy.cuda.Device(index), torch_current_stream(index):

@@ -72,13 +72,15 @@ def write_report(rates: dict, device: str, sms: int, group: int, out: Path) -> s
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("experiments/results"))
-    ap.add_argument("--group", type=int, default=128, help="K-group size G of the fold")
+    ap.add_argument("--group", type=int, help="K-group size G of the fold (default 128, or the "
+                    "saved run's with --from-json)")
     ap.add_argument("--from-json", type=Path, help="anywhere: rewrite the report of a saved run")
     args = ap.parse_args()
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
         rates = saved.get("rates") or {r["probe"]: r["per_sm_per_clk"] for r in saved["rows"]}
-        print(write_report(rates, saved["device"], saved["sms"], args.group, args.out))
+        group = args.group or saved.get("group", 128)
+        print(write_report(rates, saved["device"], saved["sms"], group, args.out))
         return 0
     import cupy
 
@@ -87,7 +89,7 @@ def main() -> int:
     name = props["name"]
     device = name.decode() if isinstance(name, bytes) else str(name)
     rates = {probe: rate(probe, sms) for probe in PROBES}
-    print(write_report(rates, device, sms, args.group, args.out))
+    print(write_report(rates, device, sms, args.group or 128, args.out))
     return 0
 
 

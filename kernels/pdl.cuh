@@ -1,4 +1,4 @@
-// Programmatic dependent launch (sm_90), shared by the quantize and small-M GEMM kernels.
+// Programmatic dependent launch (sm_90), shared by the quantize, small-M GEMM and decode kernels.
 // A kernel launched with programmatic stream serialization (atom_lab.kernel_ops.launch_pdl) may
 // start while the kernel before it in the stream still runs: it must call pdl_wait() before
 // touching anything that kernel writes. pdl_launch_dependents() lets such a next kernel start
@@ -27,7 +27,7 @@ __device__ __forceinline__ void pdl_wait_after_arrival(unsigned folded, bool liv
 
 // A coherent load (ld.global, not .nc) of what the previous kernel may have written: an .nc load
 // (__ldg, or a const __restrict__ argument) promises data no one writes while the kernel runs, and
-// ptxas may then schedule it above griddepcontrol.wait.
+// ptxas may then schedule it above griddepcontrol.wait (w4a4_gemv.cu's load_fresh_words: it did).
 __device__ __forceinline__ int load_fresh_s32(const int* p) {
     int v;
     asm("ld.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");

@@ -548,10 +548,12 @@ DEFINE_GEMV2(w4a4_gemv2_m16_g64, 64, 2, 12)
 // plus its share of the stream; a longer K keeps two chunks a warp in flight. Outlier 32-column
 // chunk c belongs to warp c. Partial tiles meet in shared memory behind one barrier; then one
 // thread an output sums the warps and stores it.
-// PDL: weights never depend on the previous kernel, so they are requested before
-// griddepcontrol.wait, activations after it; launch_dependents at entry lets a next kernel that was
-// launched with programmatic stream serialization take SMs as our CTAs retire. Both instructions
-// are no-ops in a plain launch.
+// PDL: weights never depend on the previous kernel, so they may be requested before
+// griddepcontrol.wait, activations only after it (coherent loads). ptxas decides how many weight
+// loads actually precede the wait (SASS, round 5: stream 4-8 of its 18 code loads, streamt 10 of
+// 20 with pdl_wait_after_arrival; the scale loads follow it). launch_dependents at entry lets a
+// next kernel that was launched with programmatic stream serialization take SMs as our CTAs
+// retire. Both instructions are no-ops in a plain launch.
 // ---------------------------------------------------------------------------------------------
 #define STREAM_WARPS 8
 #define STREAM_GROUPS 2  // K-groups of a chunk (G = 128: a lane's 16 bytes of two rows, twice)

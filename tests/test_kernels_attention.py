@@ -208,6 +208,8 @@ def test_paged_decode_refuses_a_wrong_pool():
         kk.decode_attention_paged(q, pool, wide[..., :4], torch.zeros(1, dtype=torch.int32), 1)
     with pytest.raises(ValueError, match=r"lengths: expected int32 \[1\]"):
         kk.decode_attention_paged(q, pool, table, torch.zeros(1, dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match="num_blocks >= 1"):
+        kk.decode_attention_paged(q, pool[:0], table, torch.zeros(1, dtype=torch.int32), 1)
 
 
 def test_reference_is_exact_attention_without_quantization():

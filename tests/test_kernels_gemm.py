@@ -448,13 +448,16 @@ def test_stream_variants_name_kernels_of_the_gemv_source():
 @gpu
 @sm90
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["stream_m8_pdl", "stream_m16_pdl", "streamt_m8_pdl",
-                                     "streamt_m16_pdl"])
-def test_pdl_gemm_in_a_graph_reads_what_its_producer_wrote(variant):
+@pytest.mark.parametrize("variant, n", [("stream_m8_pdl", 1040), ("stream_m16_pdl", 1040),
+                                        ("streamt_m8_pdl", 1040), ("streamt_m16_pdl", 1040),
+                                        ("streamt_m8_pdl", ko.STREAMT_MIN_N),
+                                        ("streamt_m16_pdl", ko.STREAMT_MIN_N)])
+def test_pdl_gemm_in_a_graph_reads_what_its_producer_wrote(variant, n):
     """A graph of quantize (writes the activation operand) then the PDL GEMM, replayed on freshly
     poisoned buffers: the GEMM's activation reads wait for the producer (griddepcontrol.wait), so
-    every replay gives the reference of the new activations; and it equals the plain launch."""
-    m, n, k_total, k = (5 if "m8" in variant else 16), 1040, 4224, 128
+    every replay gives the reference of the new activations; and it equals the plain launch.
+    N = STREAMT_MIN_N: the dispatched streamt walks several weight tiles a CTA."""
+    m, k_total, k = (5 if "m8" in variant else 16), 4224, 128
     w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.05).half(), k, 4, 128, 0.85)
     x = _acts(m, k_total)
     a = _poisoned(m, k_total - k, k, 128, 4, 0xFF)
