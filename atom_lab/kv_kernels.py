@@ -64,7 +64,7 @@ class DecodeBuild:
     """One compiled decode kernel (kernels/decode_attention.cu): decode_attention_<name>_d<D>,
     with the split planner's cost constants, fitted to H100 runs (attention_notes.md)."""
     warps: int
-    stages: int             # cp.async ring stages per warp
+    stages: int             # ring stages per warp (cp.async copies; paged builds: bulk copies)
     layout: str             # "kv4m": round-2/3 4-bit body; "kv4v3": round-1 4-bit body; "fp16"
     hbm_bytes_per_s: float  # sustained cache read rate of a GPU full of its CTAs (many waves)
     cta_bytes_per_s: float  # read rate of one CTA alone on its SM
@@ -236,7 +236,7 @@ def _ring_stages(build: str, options: tuple[str, ...] = ()) -> int:
 
 
 def _smem_bytes(build: str, head_dim: int, options: tuple[str, ...] = ()) -> int:
-    """Dynamic shared memory of a decode CTA: the query rows plus each warp's cp.async ring, which
+    """Dynamic shared memory of a decode CTA: the query rows plus each warp's ring of stages, which
     the epilogue reuses for the warps' outputs, maxima, sums and the split-K weights."""
     spec = BUILDS[build]
     rings = spec.warps * _ring_stages(build, options) * _stage_bytes(build, head_dim)
@@ -283,7 +283,8 @@ def _resident_ctas(fmt: str, head_dim: int, device_index: int,
     smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
     threads = BUILDS[fmt].warps * 32
     by_regs = 65536 // max(regs * threads, 1)
-    by_smem = smem_sm // (_smem_bytes(fmt, head_dim, options) + 1024)
+    static = int(getattr(kernel, "shared_size_bytes", 0) or 0)  # e.g. the bulk copies' mbarriers
+    by_smem = smem_sm // (_smem_bytes(fmt, head_dim, options) + static + 1024)
     return props.multi_processor_count, max(1, min(by_regs, by_smem, 2048 // threads))
 
 

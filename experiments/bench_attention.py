@@ -79,10 +79,8 @@ ABLATIONS = [
     ("paged kv4p, shuffled blocks", "shuffled", "kv4p", (), "ragged", None),
     ("kv4p without the table (direct addresses)", "paged", "kv4p", ("-DKV4P_DIRECT=1",) +
      PAGED_ONLY, "row", None),
-    ("kv4p 3-stage rings", "paged", "kv4p", ("-DKV4M_NST=3",) + PAGED_ONLY, "ragged", None),
-    ("kv4p 6-stage rings", "paged", "kv4p", ("-DKV4M_NST=6",) + PAGED_ONLY, "ragged", None),
-    ("kv4pw8 6-stage rings", "paged", "kv4pw8", ("-DKV4M_NST=6",) + PAGED_ONLY, "ragged", None),
-    ("kv4pw8 8-stage rings", "paged", "kv4pw8", ("-DKV4M_NST=8",) + PAGED_ONLY, "ragged", None),
+    *[(f"{b} bulk copies, {n} stages", "paged", b, (f"-DKV4M_NST={n}",) + PAGED_ONLY, "ragged",
+       None) for b, n in (("kv4p", 3), ("kv4p", 6), ("kv4pw8", 8))],
     *[(f"{b} cp.async copies (round 4)", "paged", b, ("-DKV4P_BULK=0",) + PAGED_ONLY, "ragged",
        None) for b in ("kv4p", "kv4pw8")],
     ("kv4pw8 bulk copies, 6 stages", "paged", "kv4pw8", ("-DKV4M_NST=6",) + PAGED_ONLY, "ragged",
@@ -95,7 +93,8 @@ ABLATIONS = [
        "ragged", None) for b in ("kv4p", "kv4pw8")],
     ("diag: kv4p cp.async copies only (round 4)", "paged", "kv4p",
      ("-DKV4P_BULK=0", "-DKV4M_LOAD_ONLY=1") + PAGED_ONLY, "diag", (1,)),
-    ("kv4p L2 256B hint", "paged", "kv4p", ("-DKV4M_PF=256",) + PAGED_ONLY, "ragged", None),
+    ("kv4p cp.async copies, L2 256B hint", "paged", "kv4p", ("-DKV4P_BULK=0", "-DKV4M_PF=256") +
+     PAGED_ONLY, "ragged", None),
     ("diag: kv4p copies only", "paged", "kv4p", ("-DKV4M_LOAD_ONLY=1",) + PAGED_ONLY, "diag",
      (1,)),
     ("diag: contiguous kv4 copies only", "old", "kv4", ("-DKV4M_LOAD_ONLY=1",) + SUBSET, "diag",

@@ -12,7 +12,7 @@
 // Grid (splits, Hkv * head_blocks, B); a CTA takes the query heads of one KV head (up to 8; more
 // need head_blocks > 1) and one chunk of the context, so every cached byte is read once per head
 // block. Its warps take 16-token tiles round-robin, each streaming its tiles through its own
-// NST-stage cp.async ring in shared memory.
+// NST-stage ring in shared memory (cp.async copies; the paged builds: one bulk copy a block).
 //
 // Two 4-bit kernel bodies (mma.sync m16n8k16, fp16 in, fp32 accumulate):
 //
@@ -664,7 +664,8 @@ __device__ __forceinline__ void decode_attention(
 // LDS), V codes chunk-major [D/32][16 tokens][16 bytes] with the token index XOR-swizzled by
 // the chunk (token t of chunk c at row t ^ (c * 8 / CH)), so that both the cp.async fills (8 lanes:
 // 2 or 4 tokens x all chunks) and the ldmatrix reads (8 tokens of one chunk) hit 8 distinct
-// 16-byte bank groups; then the 16 K and the 16 V param words.
+// 16-byte bank groups; then the 16 K and the 16 V param words. (The paged builds' bulk copies
+// keep the block's own layout instead, V token-major: see KV4P_BULK.)
 //
 // Switches for the benchmark's ablation (defaults are the shipped kernel):
 #ifndef KV4M_SWIZZLE
@@ -730,8 +731,9 @@ __device__ __forceinline__ void cp_async16_full_pf(u32 dst, const void* src) {
 // Paged builds (round 5): each block comes in as one bulk copy (the TMA engine, 2176 bytes,
 // issued by lane 0) completing on an mbarrier a ring stage, instead of 5 cp.async a lane; the
 // stage then holds the block's own image (V token-major, unswizzled: 4-way bank conflicts on the
-// two V ldmatrix a tile). Measured on the H100: 7-10% faster on every row than the cp.async
-// copies (-DKV4P_BULK=0, kept for comparison), e.g. 57.6 vs 62.4 us on a 142 MB row.
+// two V ldmatrix a tile at D = 128, 2-way on the one at D = 64; KV4M_SWIZZLE does not apply).
+// Measured on the H100: 7-10% faster on every row than the cp.async copies (-DKV4P_BULK=0, kept
+// for comparison), e.g. 57.6 vs 62.4 us on a 142 MB row.
 #ifndef KV4P_BULK
 #define KV4P_BULK 1
 #endif
@@ -864,8 +866,9 @@ __device__ __forceinline__ void decode_kv4m(
         pdl_wait();
     }
     // EARLY: coherent loads from here on (an .nc load may be scheduled above the wait).
-    const int len = EARLY ? load_fresh_s32(lengths + b) : lengths[b];  // first used once the
-                                                                       // first tiles are in flight
+    // First used once the first tiles are in flight; a length past the capacity (a broken
+    // caller) reads the capacity rather than tiles that were never fetched.
+    const int len = min(EARLY ? load_fresh_s32(lengths + b) : lengths[b], capacity);
 
     const long long row0 = (long long)(b * kv_heads + kvh) * capacity;
     u16* s_q = reinterpret_cast<u16*>(smem);
@@ -924,6 +927,10 @@ __device__ __forceinline__ void decode_kv4m(
     auto fetch = [&](u32 stage, int rem, int block) {  // rem >= 1 tokens of the tile may be read
         constexpr int PF = KV4M_PF, PFP = KV4M_PF_PARAMS;
         if constexpr (BULK) {
+            // The stage's last reads (generic proxy, maybe still in flight) before the bulk copy
+            // (async proxy) overwrites it: each lane fences its own, then lane 0 issues.
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            __syncwarp();
             if (lane == 0)
                 bulk_copy_to_shared(stage, k + (long long)block * F::STAGE, F::STAGE,
                                     bar0 + 8 * (issued % NST));
