@@ -26,7 +26,8 @@ in memory; the all-heads page measured no faster either.
 `to_contiguous` gives rounds 1-3's contiguous layout, which `decode_attention_kv4` still runs
 as the measured comparison. The "_pdl" builds of the paged kernel start early (programmatic
 dependent launch: only L2 prefetch hints before they wait for the previous kernel, so correct
-behind any producer); measured no faster (slower on grids of one CTA an SM), they are not planned.
+behind any producer); timed back to back they are 0-2% faster on grids of many CTAs and 1.15-1.2x
+slower on grids of one CTA an SM (round 5), so they are not planned.
 
 Only one quantization group per head (kv_group_size 0 or head_dim) is supported: the decode
 kernel folds the dequantization into the dot products as s * (q.c - z * sum(q)), which needs one
@@ -96,7 +97,7 @@ BUILDS = {
     "fp16": DecodeBuild(4, 3, "fp16", 2.95e12, 21e9, 5e-6),
 }
 # round 5: the two paged builds started early (PDL: L2 prefetches of their first blocks before they
-# wait for the previous kernel); measured no faster, so not planned
+# wait for the previous kernel); not planned (see the module docstring)
 BUILDS.update({f"{name}_pdl": replace(BUILDS[name], early=True) for name in ("kv4p", "kv4pw8")})
 # builds a cache format runs ("kv4p": paged, "kv4": contiguous) and those the planner picks from
 _FAMILY = {"kv4p": ("kv4p", "kv4pw8", "kv4p_pdl", "kv4pw8_pdl"),
