@@ -57,6 +57,7 @@
 #define RESCALE_SLACK 2.f  // p <= 4: p * s_v stays finite in fp16 for any fp16 scale (<= 8734)
 
 #include "fp16_bits.cuh"  // u8/u16/u32, half_to_float, float_to_half
+#include "mbarrier.cuh"
 #include "pdl.cuh"
 
 // Diagnostic timeline (-DKV4M_TRACE=1): thread 0 of each CTA stores %globaltimer at entry (0),
@@ -737,23 +738,12 @@ __device__ __forceinline__ void cp_async16_full_pf(u32 dst, const void* src) {
 #ifndef KV4P_BULK
 #define KV4P_BULK 1
 #endif
-__device__ __forceinline__ void kv_mbar_init(u32 bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void kv_mbar_wait(u32 bar, u32 parity) {
-    asm volatile(
-        "{\n .reg .pred p;\n WAIT_%=:\n"
-        " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-        " @!p bra WAIT_%=;\n}\n" ::"r"(bar),
-        "r"(parity)
-        : "memory");
-}
 #ifndef KV4P_EVICT_FIRST
 #define KV4P_EVICT_FIRST 0  // 1: the bulk copies carry an L2 evict-first policy (read-once data)
 #endif
-__device__ __forceinline__ void bulk_copy_to_shared(u32 dst, const void* src, u32 bytes, u32 bar) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
-                 : "memory");
+// One block into its ring stage: the barrier's arrival expecting its bytes, then the bulk copy.
+__device__ __forceinline__ void bulk_copy_block(u32 dst, const void* src, u32 bytes, u32 bar) {
+    mbar_expect_tx(bar, bytes);
     if (KV4P_EVICT_FIRST) {
         unsigned long long policy;
         asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
@@ -762,10 +752,7 @@ __device__ __forceinline__ void bulk_copy_to_shared(u32 dst, const void* src, u3
             " [%0], [%1], %2, [%3], %4;" ::"r"(dst), "l"(src), "r"(bytes), "r"(bar), "l"(policy)
             : "memory");
     } else {
-        asm volatile(
-            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-            ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
-            : "memory");
+        bulk_copy(dst, src, bytes, bar);
     }
 }
 
@@ -882,14 +869,14 @@ __device__ __forceinline__ void decode_kv4m(
     if constexpr (BULK) {
         if (lane == 0) {
 #pragma unroll
-            for (int i = 0; i < NST; ++i) kv_mbar_init(bar0 + 8 * i, 1);
+            for (int i = 0; i < NST; ++i) mbar_init(bar0 + 8 * i, 1);
             asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         }
         __syncwarp();
     }
     // Tile j of this warp is in its stage (bulk: its barrier's phase j / NST has completed).
     auto bulk_wait = [&](int j) {
-        kv_mbar_wait(bar0 + 8 * (j % NST), (j / NST) & 1);
+        mbar_wait(bar0 + 8 * (j % NST), (j / NST) & 1);
         waited = j + 1;
     };
     auto bulk_drain = [&]() {  // before the rings are reused or the CTA exits
@@ -929,11 +916,11 @@ __device__ __forceinline__ void decode_kv4m(
         if constexpr (BULK) {
             // The stage's last reads (generic proxy, maybe still in flight) before the bulk copy
             // (async proxy) overwrites it: each lane fences its own, then lane 0 issues.
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            fence_proxy_async();
             __syncwarp();
             if (lane == 0)
-                bulk_copy_to_shared(stage, k + (long long)block * F::STAGE, F::STAGE,
-                                    bar0 + 8 * (issued % NST));
+                bulk_copy_block(stage, k + (long long)block * F::STAGE, F::STAGE,
+                                bar0 + 8 * (issued % NST));
             ++issued;
         } else if constexpr (PAGED) {  // the whole block, one run: past the length is masked
             const u8* src = k + (long long)block * F::STAGE + lane * 16;

@@ -2,6 +2,8 @@
 // Included through NVRTC's -I<kernels dir> (atom_lab/cuda.py); header-only, no state.
 #pragma once
 
+#include "mbarrier.cuh"
+
 // Int32 accumulators that start from the bits of 12582912.0f read back as 12582912 + dot (exact for
 // |dot| < 2^22), so int -> float costs one FADD instead of a conversion.
 #define MAGIC_I 0x4B400000
@@ -24,12 +26,6 @@ __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool v
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
-__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(unsigned bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
 
 // A thread's packed words of one row and group: 16 bytes (G = 128) or 8 (G = 64); zeros if !valid.
 template <int WORDS>
