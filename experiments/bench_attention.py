@@ -79,12 +79,20 @@ ABLATIONS = [
     ("paged kv4p, shuffled blocks", "shuffled", "kv4p", (), "ragged", None),
     ("kv4p without the table (direct addresses)", "paged", "kv4p", ("-DKV4P_DIRECT=1",) +
      PAGED_ONLY, "row", None),
+    *[(f"{b}, block ids two fetches ahead (round 5)", "paged", b, ("-DKV4P_ID_BATCH=0",) +
+       PAGED_ONLY, "ragged", None) for b in ("kv4p", "kv4pw8")],
+    ("kv4pw8 without the table (direct addresses)", "paged", "kv4pw8", ("-DKV4P_DIRECT=1",) +
+     PAGED_ONLY, "row", None),
+    ("diag: kv4pw8 copies only, without the table (direct addresses)", "paged", "kv4pw8",
+     ("-DKV4P_DIRECT=1", "-DKV4M_LOAD_ONLY=1") + PAGED_ONLY, "diag", (1,)),
     *[(f"{b} bulk copies, {n} stages", "paged", b, (f"-DKV4M_NST={n}",) + PAGED_ONLY, "ragged",
        None) for b, n in (("kv4p", 3), ("kv4p", 6), ("kv4pw8", 8))],
     *[(f"{b} cp.async copies (round 4)", "paged", b, ("-DKV4P_BULK=0",) + PAGED_ONLY, "ragged",
        None) for b in ("kv4p", "kv4pw8")],
     ("kv4pw8 bulk copies, 6 stages", "paged", "kv4pw8", ("-DKV4M_NST=6",) + PAGED_ONLY, "ragged",
      None),
+    ("kv4pw8 bulk copies, one tile at a time (no software pipeline)", "paged", "kv4pw8",
+     ("-DKV4M_PIPE=0",) + PAGED_ONLY, "ragged", None),
     ("kv4pw8 bulk copies, 5 stages", "paged", "kv4pw8", ("-DKV4M_NST=5",) + PAGED_ONLY, "ragged",
      None),
     ("kv4pw8 bulk copies, 3 stages", "paged", "kv4pw8", ("-DKV4M_NST=3",) + PAGED_ONLY, "ragged",
@@ -97,11 +105,20 @@ ABLATIONS = [
      PAGED_ONLY, "ragged", None),
     ("diag: kv4p copies only", "paged", "kv4p", ("-DKV4M_LOAD_ONLY=1",) + PAGED_ONLY, "diag",
      (1,)),
+    ("diag: kv4pw8 copies only", "paged", "kv4pw8", ("-DKV4M_LOAD_ONLY=1",) + PAGED_ONLY, "diag",
+     (1,)),
+    *[(f"diag: {b} math only (first tiles copied, then recomputed)", "paged", b,
+       ("-DKV4M_MATH_ONLY=1",) + PAGED_ONLY, "diag", (1,)) for b in ("kv4p", "kv4pw8")],
     ("diag: contiguous kv4 copies only", "old", "kv4", ("-DKV4M_LOAD_ONLY=1",) + SUBSET, "diag",
      (1,)),
     ("diag: plain 16-byte reads of the pool (kernels/read_probe.cu)", "read", "", (), "diag", (1,)),
     ("diag: 16-byte reads, one contiguous range a CTA (as decode CTAs)", "read_ranges", "", (),
      "diag", (1,)),
+    *[(f"diag: 16-byte reads, one range a CTA, {u} loads in flight a thread", f"read_ranges_u{u}",
+       "", (), "diag", (1,)) for u in (8, 16)],
+    *[(f"diag: bulk copies of {c} B, one range a CTA, {nw} warps x {n} stages", "read_bulk", "",
+       (f"-DBULK_NW={nw}", f"-DBULK_NST={n}", f"-DBULK_CHUNK={c}"), "diag", (1,))
+      for c, nw, n in ((2176, 8, 4), (2176, 8, 8), (2176, 16, 4), (4352, 8, 4), (8704, 8, 2))],
     ("paged kv4p, blocks position-major (tile, sequence, head)", "position", "kv4p", (), "ragged",
      None),
     ("paged kv4pw8, blocks position-major (tile, sequence, head)", "position", "kv4pw8", (),
@@ -117,6 +134,8 @@ TRACES = [("llama7b_mha", 16, 2048, "paged", "kv4p", 1, ()),
           ("llama7b_mha", 16, 2048, "paged", "kv4pw8", 1, ()),
           ("llama7b_mha", 16, 2048, "old", "kv4w8", 1, ()),
           ("gqa_32q_8kv", 16, 8192, "paged", "kv4p", 1, ()),
+          ("gqa_32q_8kv", 16, 8192, "paged", "kv4pw8", 1, ()),
+          ("gqa_32q_8kv", 16, 2048, "paged", "kv4pw8", 1, ()),
           ("gqa_32q_8kv", 64, 8192, "paged", "kv4p", 1, ())]
 
 
@@ -529,9 +548,13 @@ def variant_check(layout: str, build: str, opts: tuple) -> float:
     return worst
 
 
-def read_pool(pool: torch.Tensor, ctas_per_sm: int = 8, ranges: int | None = None) -> None:
-    """Read every byte of the pool once with plain 16-byte loads (the copy ceiling in this
-    timing): one grid-stride sweep, or `ranges` CTAs each reading one contiguous range."""
+def read_pool(pool: torch.Tensor, ctas_per_sm: int = 8, ranges: int | None = None,
+              path: str = "read", opts: tuple[str, ...] = ()) -> None:
+    """Read every byte of the pool once (the copy ceiling in this timing): plain 16-byte loads as
+    one grid-stride sweep ("read"), or `ranges` CTAs each reading one contiguous range with 4
+    ("read_ranges"), 8 or 16 ("read_ranges_u8", "_u16") loads in flight a thread, or the same
+    ranges through bulk copies into per-warp rings ("read_bulk"; opts: -DBULK_NW / _NST /
+    _CHUNK)."""
     from atom_lab.cuda import get_kernel
 
     sms = torch.cuda.get_device_properties(pool.device).multi_processor_count
@@ -539,8 +562,19 @@ def read_pool(pool: torch.Tensor, ctas_per_sm: int = 8, ranges: int | None = Non
     if READ_SINK.get(grid) is None:
         READ_SINK[grid] = torch.zeros(grid, dtype=torch.int32, device=pool.device)
     sink = kk._ptr(READ_SINK[grid])
-    if ranges:
-        kk._launch(get_kernel("read_probe", "read_probe_ranges"), (grid, 1, 1), (256, 1, 1),
+    if path == "read_bulk":
+        flags = dict(o[2:].split("=") for o in opts)
+        nw, nst = int(flags.get("BULK_NW", 8)), int(flags.get("BULK_NST", 4))
+        chunk = int(flags.get("BULK_CHUNK", 2176))
+        kernel = get_kernel("read_probe", "bulk_probe_ranges", opts)
+        smem = nw * nst * chunk
+        kernel.max_dynamic_shared_size_bytes = smem
+        per_cta = -(-pool.numel() // grid)
+        kk._launch(kernel, (grid, 1, 1), (nw * 32, 1, 1),
+                   (kk._ptr(pool), np.int64(pool.numel()), np.int64(per_cta), sink), smem)
+    elif ranges:
+        name = "read_probe_ranges" + path[len("read_ranges"):]
+        kk._launch(get_kernel("read_probe", name), (grid, 1, 1), (256, 1, 1),
                    (kk._ptr(pool), np.int64(n16), np.int64(-(-n16 // grid)), sink))
     else:
         kk._launch(get_kernel("read_probe", "read_probe_v16"), (grid, 1, 1), (256, 1, 1),
@@ -578,8 +612,8 @@ def ablate(out_dir: Path, only: list[str] | None = None) -> None:
         for label, layout, build, opts, check, splits in variants:
             if layout.startswith("read"):
                 ctas = None if layout == "read" else B * hkv  # one range a sequence and KV head
-                t = time_calls([lambda s=s: read_pool(s["cache"].pool, ranges=ctas)
-                                for s in sets])[0]
+                t = time_calls([lambda s=s: read_pool(s["cache"].pool, ranges=ctas, path=layout,
+                                                      opts=opts) for s in sets])[0]
                 records.append(dict(config=config, batch=B, context=L, variant=label, splits=1,
                                     us=t * 1e6, err=math.nan, check=check, ragged_err=math.nan,
                                     MB=cache_kv4 / 1e6))

@@ -696,6 +696,12 @@ __device__ __forceinline__ void decode_attention(
 #ifndef KV4M_LOAD_ONLY
 #define KV4M_LOAD_ONLY 0 // diagnostic: copies and waits only, no math (wrong output)
 #endif
+#ifndef KV4P_ID_BATCH
+#define KV4P_ID_BATCH 1  // paged: block ids read 32 fetches ahead a warp (0: two fetches ahead)
+#endif
+#ifndef KV4M_MATH_ONLY
+#define KV4M_MATH_ONLY 0 // diagnostic (bulk builds): the first NST tiles copied, then the loop
+#endif                   // recomputes on them, nothing waited for (wrong output: the math's cost)
 #ifndef KV4P_DIRECT
 #define KV4P_DIRECT 0    // paged builds: block id = (b * kv_heads + h) * max_blocks + block index,
 #endif                   // the table not read (right only for an identity table: the lookups' cost)
@@ -876,7 +882,7 @@ __device__ __forceinline__ void decode_kv4m(
     }
     // Tile j of this warp is in its stage (bulk: its barrier's phase j / NST has completed).
     auto bulk_wait = [&](int j) {
-        mbar_wait(bar0 + 8 * (j % NST), (j / NST) & 1);
+        if (!(KV4M_MATH_ONLY && j >= NST)) mbar_wait(bar0 + 8 * (j % NST), (j / NST) & 1);
         waited = j + 1;
     };
     auto bulk_drain = [&]() {  // before the rings are reused or the CTA exits
@@ -904,8 +910,8 @@ __device__ __forceinline__ void decode_kv4m(
     const u32 v_dst = pinned(F::OFF_V + (lane % F::CH) * (TILE * 16) +
                              F::v_row(lane / F::CH, lane % F::CH) * 16);
     const u32 p_dst = pinned((lane < 4 ? F::OFF_KP : F::OFF_VP) + (lane & 3) * 16);
-    // Paged: block ids of this warp's tiles, read two fetches ahead of their copies (the
-    // prologue reads all it needs at once), so a copy never waits on the table.
+    // Paged: the block id of one of this warp's tiles (the table read; see KV4P_ID_BATCH for how
+    // far ahead of its copy).
     auto block_of = [&](int tile) -> int {
         if (KV4P_DIRECT) return (b * kv_heads + kvh) * max_blocks + tile;
         if (tile >= max_blocks) return 0;
@@ -916,11 +922,13 @@ __device__ __forceinline__ void decode_kv4m(
         if constexpr (BULK) {
             // The stage's last reads (generic proxy, maybe still in flight) before the bulk copy
             // (async proxy) overwrites it: each lane fences its own, then lane 0 issues.
-            fence_proxy_async();
-            __syncwarp();
-            if (lane == 0)
-                bulk_copy_block(stage, k + (long long)block * F::STAGE, F::STAGE,
-                                bar0 + 8 * (issued % NST));
+            if (!(KV4M_MATH_ONLY && issued >= NST)) {
+                fence_proxy_async();
+                __syncwarp();
+                if (lane == 0)
+                    bulk_copy_block(stage, k + (long long)block * F::STAGE, F::STAGE,
+                                    bar0 + 8 * (issued % NST));
+            }
             ++issued;
         } else if constexpr (PAGED) {  // the whole block, one run: past the length is masked
             const u8* src = k + (long long)block * F::STAGE + lane * 16;
@@ -952,6 +960,34 @@ __device__ __forceinline__ void decode_kv4m(
         p_src += NW * TILE;
         next_t0 += NW * TILE;
     };
+#if KV4P_ID_BATCH
+    // Paged: the block ids of the ring's first fetches read at once, as the prologue issues them;
+    // those of the later fetches a warp-wide batch of 32 at a time (lane l holds fetch
+    // NST - 1 + 32 c + l's id, handed out by a shuffle), batch c + 1 read while batch c is in
+    // use, so a table read has 32 fetches to arrive instead of two.
+    const int tile0 = next_t0 / TILE;
+    int first[NST - 1];
+#pragma unroll
+    for (int i = 0; i < NST - 1; ++i) first[i] = PAGED ? block_of(tile0 + i * NW) : 0;
+#pragma unroll
+    for (int i = 0; i < NST - 1; ++i) {
+        if (next_t0 < stop) fetch(ring + i * F::STAGE, stop - next_t0, first[i]);
+        cp_async_commit();
+    }
+    auto batch_ids = [&](int c) {
+        return PAGED ? block_of(tile0 + (NST - 1 + 32 * c + lane) * NW) : 0;
+    };
+    int ids_cur = batch_ids(0), ids_nxt = batch_ids(1), fetches = 0;  // fetches after those
+    auto next_id = [&]() {  // the id of the next fetch (call warp-uniformly, once a fetch)
+        const int id = __shfl_sync(0xffffffffu, ids_cur, fetches & 31);
+        if ((++fetches & 31) == 0) {
+            ids_cur = ids_nxt;
+            ids_nxt = batch_ids(fetches / 32 + 1);
+        }
+        return id;
+    };
+    auto fetch_next = [&](u32 stage, int rem) { fetch(stage, rem, PAGED ? next_id() : 0); };
+#else
     int ids[NST + 1];  // paged: blocks of the first NST + 1 fetches
 #pragma unroll
     for (int i = 0; i <= NST; ++i) ids[i] = PAGED ? block_of(next_t0 / TILE + i * NW) : 0;
@@ -968,6 +1004,7 @@ __device__ __forceinline__ void decode_kv4m(
             id_b = block_of(next_t0 / TILE + NW);
         }
     };
+#endif
 
     const int nsplit_b = max(1, (len + chunk - 1) / chunk);
     if (split >= nsplit_b) {  // this partition lies past the sequence's end
