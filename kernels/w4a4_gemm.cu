@@ -527,17 +527,6 @@ __device__ __forceinline__ void cp_async_bytes(unsigned dst, const void* src, bo
                      "r"(valid ? 8 : 0));
 }
 
-template <int WORDS>
-__device__ __forceinline__ void ring_words(const unsigned char* p, unsigned (&w)[WORDS]) {
-    if constexpr (WORDS == 4) {
-        const uint4 v = *reinterpret_cast<const uint4*>(p);
-        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
-    } else {
-        const uint2 v = *reinterpret_cast<const uint2*>(p);
-        w[0] = v.x; w[1] = v.y;
-    }
-}
-
 template <int MT, int NT, int G, int S>
 __device__ void gemm_skinny_ring(GEMM_ARGS) {
     constexpr int WORDS = G / 32, VEC = WORDS * 4, LOADS = 2 * MT + NT;
@@ -627,12 +616,12 @@ __device__ void gemm_skinny_ring(GEMM_ARGS) {
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                ring_words<WORDS>(slot(stage, 2 * mt + h), f.a[mt][h]);
+                shared_words<WORDS>(slot(stage, 2 * mt + h), f.a[mt][h]);
                 f.sa[mt][h] = __half2float(sS[gi * (TM + TN) + mt * 16 + r + 8 * h]);
             }
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-            ring_words<WORDS>(slot(stage, 2 * MT + nt), f.b[nt]);
+            shared_words<WORDS>(slot(stage, 2 * MT + nt), f.b[nt]);
             const __half2 sw = *reinterpret_cast<const __half2*>(sS + gi * (TM + TN) + TM + nt * 8 + 2 * t);
             f.sw[nt][0] = __low2float(sw);
             f.sw[nt][1] = __high2float(sw);

@@ -52,17 +52,6 @@ __device__ __forceinline__ void mma_s8_start(int (&d)[4], unsigned a0, unsigned 
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(MAGIC_I));
 }
 
-template <int WORDS>
-__device__ __forceinline__ void shared_words(const unsigned char* p, unsigned (&w)[WORDS]) {
-    if constexpr (WORDS == 4) {
-        const uint4 v = *reinterpret_cast<const uint4*>(p);
-        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
-    } else {
-        const uint2 v = *reinterpret_cast<const uint2*>(p);
-        w[0] = v.x; w[1] = v.y;
-    }
-}
-
 // Layout of one octet slot: codes [8][Kn/2] | group scales [8][ng] fp16 | outliers [8][k] |
 // outlier scales [8] fp16. Every part is a multiple of 16 bytes (Kn % 64 == 0, k % 16 == 0).
 struct SlotLayout {
