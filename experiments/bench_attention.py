@@ -714,14 +714,14 @@ def summarize_trace(t: np.ndarray, info: dict) -> dict:
     return out
 
 
-def single(config: str, B: int, L: int, build: str, splits: int) -> None:
-    """A few calls of one row and build, nothing else (a target for a profiler)."""
+def single(config: str, B: int, L: int, build: str, splits: int, opts: tuple = ()) -> None:
+    """A few calls of one row and build (NVRTC options opts), nothing else (a profiler's target)."""
     _, hq, hkv = next(c for c in CONFIGS if c[0] == config)
     s = make_set(B, hq, hkv, L, HEAD_DIM)
     s["cache"].append(s["k"], s["v"])
     plan = split_plan(L, splits, build) if splits else None
     for _ in range(3):
-        decode(s, layout_of(build), L, plan, s["out4"])
+        decode(s, layout_of(build), L, plan, s["out4"], opts)
     torch.cuda.synchronize()
 
 
@@ -732,6 +732,7 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="*", default=BATCHES)
     ap.add_argument("--contexts", type=int, nargs="*", default=CONTEXTS)
     ap.add_argument("--single", nargs=5, metavar=("CONFIG", "B", "L", "BUILD", "S"))
+    ap.add_argument("--opts", nargs="*", default=[], help="--single: NVRTC options of the build")
     ap.add_argument("--ablate", action="store_true", help="only the kernel-variant ablation")
     ap.add_argument("--variants", nargs="*", help="--ablate: only labels containing one of these")
     ap.add_argument("--trace", action="store_true", help="only the per-CTA timelines")
@@ -745,7 +746,7 @@ def main() -> int:
         return 0
     if args.single:
         cfg, B, L, build, S = args.single
-        single(cfg, int(B), int(L), build, int(S))
+        single(cfg, int(B), int(L), build, int(S), tuple(args.opts))
         return 0
     if args.plot:
         plot(args.plot, args.plot.with_suffix(".png"))
