@@ -119,6 +119,10 @@ ABLATIONS = [
     *[(f"diag: bulk copies of {c} B, one range a CTA, {nw} warps x {n} stages", "read_bulk", "",
        (f"-DBULK_NW={nw}", f"-DBULK_NST={n}", f"-DBULK_CHUNK={c}"), "diag", (1,))
       for c, nw, n in ((2176, 8, 4), (2176, 8, 8), (2176, 16, 4), (4352, 8, 4), (8704, 8, 2))],
+    *[(f"diag: bulk copies of 2176 B, one range a CTA, 8 warps x 4 stages, {n} CTA(s) an SM",
+       "read_bulk", "", ("-DBULK_NW=8", "-DBULK_NST=4", "-DBULK_CHUNK=2176",
+                         f"-DBULK_SMEM={smem}"), "diag", (1,)) for n, smem in ((2, 100000),
+                                                                              (1, 150000))],
     ("paged kv4p, blocks position-major (tile, sequence, head)", "position", "kv4p", (), "ragged",
      None),
     ("paged kv4pw8, blocks position-major (tile, sequence, head)", "position", "kv4pw8", (),
@@ -554,7 +558,7 @@ def read_pool(pool: torch.Tensor, ctas_per_sm: int = 8, ranges: int | None = Non
     one grid-stride sweep ("read"), or `ranges` CTAs each reading one contiguous range with 4
     ("read_ranges"), 8 or 16 ("read_ranges_u8", "_u16") loads in flight a thread, or the same
     ranges through bulk copies into per-warp rings ("read_bulk"; opts: -DBULK_NW / _NST /
-    _CHUNK)."""
+    _CHUNK, and _SMEM: the shared memory a CTA asks for, which sets the CTAs an SM)."""
     from atom_lab.cuda import get_kernel
 
     sms = torch.cuda.get_device_properties(pool.device).multi_processor_count
@@ -567,7 +571,7 @@ def read_pool(pool: torch.Tensor, ctas_per_sm: int = 8, ranges: int | None = Non
         nw, nst = int(flags.get("BULK_NW", 8)), int(flags.get("BULK_NST", 4))
         chunk = int(flags.get("BULK_CHUNK", 2176))
         kernel = get_kernel("read_probe", "bulk_probe_ranges", opts)
-        smem = nw * nst * chunk
+        smem = int(flags.get("BULK_SMEM", nw * nst * chunk))  # more: fewer CTAs an SM
         kernel.max_dynamic_shared_size_bytes = smem
         per_cta = -(-pool.numel() // grid)
         kk._launch(kernel, (grid, 1, 1), (nw * 32, 1, 1),
