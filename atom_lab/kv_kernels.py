@@ -241,7 +241,10 @@ def _smem_bytes(build: str, head_dim: int, options: tuple[str, ...] = ()) -> int
     the epilogue reuses for the warps' outputs, maxima, sums and the split-K weights."""
     spec = BUILDS[build]
     rings = spec.warps * _ring_stages(build, options) * _stage_bytes(build, head_dim)
-    merge = 4 * (spec.warps * HEADS_PER_CTA * (head_dim + 2) + HEADS_PER_CTA * MAX_SPLITS)
+    # outputs [warps][8][head_dim (+ 8 padding)], maxima and sums [warps][8], two [8] head tables
+    # and the split-K weights [8][MAX_SPLITS] (decode_attention.cu: merge_and_store)
+    merge = 4 * (spec.warps * HEADS_PER_CTA * (head_dim + 10) + 2 * HEADS_PER_CTA
+                 + HEADS_PER_CTA * MAX_SPLITS)
     return HEADS_PER_CTA * head_dim * 2 + max(rings, merge)
 
 

@@ -216,27 +216,54 @@ __device__ __forceinline__ float load_cg(const float* p) {
 // stores the output (one partition) or a normalized partial and its log-sum-exp, and then the
 // last CTA of the (sequence, head block) to finish merges the partials.
 
-template <int D, int NW>
+// OS: the row stride of s_o (D, or D + 8 where the warps store float pairs: fewer bank conflicts).
+// LEAN: each head's warp weights 2^(m_w - max) and sum computed once (into s_m and a [2][8] table
+// past s_l) instead of once an output element.
+template <int D, int NW, int OS = D, bool LEAN = false>
 __device__ __forceinline__ void merge_and_store(float* s_o, int nheads, int nsplit_b,
                                                 int splits, long long head_row0, int ticket,
                                                 u16* __restrict__ out, float* __restrict__ part_o,
                                                 float* __restrict__ part_lse,
                                                 int* __restrict__ tickets) {
     const int tid = threadIdx.x, split = blockIdx.x;
-    const float* s_m = s_o + NW * HEADS_PER_CTA * D;
-    float* s_l = s_o + NW * HEADS_PER_CTA * (D + 1);
+    float* s_m = s_o + NW * HEADS_PER_CTA * OS;
+    float* s_l = s_m + NW * HEADS_PER_CTA;
+    float* s_x = s_l + NW * HEADS_PER_CTA;  // LEAN: [2][8] each head's max and sum
     __syncthreads();
+    if (LEAN) {
+        if (tid < nheads) {
+            float mx = NEG_BIG, sum = 0.f;
+#pragma unroll
+            for (int w = 0; w < NW; ++w) mx = fmaxf(mx, s_m[w * HEADS_PER_CTA + tid]);
+#pragma unroll
+            for (int w = 0; w < NW; ++w) {
+                const float f = fast_exp2(s_m[w * HEADS_PER_CTA + tid] - mx);
+                s_m[w * HEADS_PER_CTA + tid] = f;
+                sum += f * s_l[w * HEADS_PER_CTA + tid];
+            }
+            s_x[tid] = mx;
+            s_x[HEADS_PER_CTA + tid] = sum;
+        }
+        __syncthreads();
+    }
     for (int i = tid; i < nheads * D; i += NW * 32) {
         const int h = i / D, d = i % D;
-        float mx = NEG_BIG;
+        float mx = NEG_BIG, sum = 0.f, acc = 0.f;
+        if (LEAN) {
+            mx = s_x[h];
+            sum = s_x[HEADS_PER_CTA + h];
 #pragma unroll
-        for (int w = 0; w < NW; ++w) mx = fmaxf(mx, s_m[w * HEADS_PER_CTA + h]);
-        float sum = 0.f, acc = 0.f;
+            for (int w = 0; w < NW; ++w)
+                acc += s_m[w * HEADS_PER_CTA + h] * s_o[(w * HEADS_PER_CTA + h) * OS + d];
+        } else {
 #pragma unroll
-        for (int w = 0; w < NW; ++w) {
-            const float f = fast_exp2(s_m[w * HEADS_PER_CTA + h] - mx);
-            sum += f * s_l[w * HEADS_PER_CTA + h];
-            acc += f * s_o[(w * HEADS_PER_CTA + h) * D + d];
+            for (int w = 0; w < NW; ++w) mx = fmaxf(mx, s_m[w * HEADS_PER_CTA + h]);
+#pragma unroll
+            for (int w = 0; w < NW; ++w) {
+                const float f = fast_exp2(s_m[w * HEADS_PER_CTA + h] - mx);
+                sum += f * s_l[w * HEADS_PER_CTA + h];
+                acc += f * s_o[(w * HEADS_PER_CTA + h) * OS + d];
+            }
         }
         if (nsplit_b == 1) {
             out[(head_row0 + h) * D + d] = float_to_half(sum > 0.f ? acc / sum : 0.f);
@@ -257,7 +284,7 @@ __device__ __forceinline__ void merge_and_store(float* s_o, int nheads, int nspl
     if (!s_last) return;
     __threadfence();
     // Weights of the partials: all log-sum-exps loaded at once, then one pass per head.
-    float* s_w = s_l + NW * HEADS_PER_CTA;  // [8][splits]
+    float* s_w = s_x + 2 * HEADS_PER_CTA;  // [8][splits]
     for (int i = tid; i < nheads * nsplit_b; i += NW * 32) {
         const int h = i / nsplit_b, sp = i % nsplit_b;
         s_w[i] = load_cg(part_lse + (head_row0 + h) * splits + sp);
@@ -705,6 +732,17 @@ __device__ __forceinline__ void decode_attention(
 #ifndef KV4P_DIRECT
 #define KV4P_DIRECT 0    // paged builds: block id = (b * kv_heads + h) * max_blocks + block index,
 #endif                   // the table not read (right only for an identity table: the lookups' cost)
+#ifndef KV4M_LEAN_MERGE
+#define KV4M_LEAN_MERGE 1  // the leaner epilogue (round 7; 0: round 6's): the warps store only
+#endif                     // the real heads, as float pairs, and merge_and_store weighs each
+                           // head's warps once. Measured on the H100: 0.2-0.9 us faster on
+                           // every ablation row (the 64-token call 5.0 -> 4.6 us)
+#ifndef KV4M_DIAG_NO_QUERY
+#define KV4M_DIAG_NO_QUERY 0    // diagnostic (paged builds): no query load, nor the wait for it
+#endif
+#ifndef KV4M_DIAG_NO_EPILOGUE
+#define KV4M_DIAG_NO_EPILOGUE 0 // diagnostic (paged builds): return once the copies are drained
+#endif
 #ifndef KV4M_EMPTY
 #define KV4M_EMPTY 0     // diagnostic: return at entry (the cost of launching the grid)
 #endif
@@ -889,7 +927,7 @@ __device__ __forceinline__ void decode_kv4m(
         if constexpr (BULK)
             for (int j = waited; j < issued; ++j) bulk_wait(j);
     };
-    {
+    if (!(PAGED && KV4M_DIAG_NO_QUERY)) {
         const u8* qsrc = reinterpret_cast<const u8*>(q + ((long long)b * q_heads + head0) * D);
         const u32 qdst = smem_addr(s_q);
         for (int c = tid; c < HEADS_PER_CTA * D / 8; c += NW * 32) {
@@ -1015,8 +1053,10 @@ __device__ __forceinline__ void decode_kv4m(
     const int end = min(start + chunk, len);
     const int ntiles = end > start ? (end - start + TILE - 1) / TILE : 0;
     const int mine = ntiles > warp ? (ntiles - warp + NW - 1) / NW : 0;
-    cp_async_wait<NST - 1>();  // the query
-    __syncthreads();
+    if (!(PAGED && KV4M_DIAG_NO_QUERY)) {
+        cp_async_wait<NST - 1>();  // the query
+        __syncthreads();
+    }
 
     // Q^T as the score mma's B operand (k-step s = 2w + h: the low nibbles of bytes 4w + h and
     // 4w + h + 2 of the thread's row slice, then their high nibbles as q / 16), and the sums the
@@ -1273,6 +1313,10 @@ __device__ __forceinline__ void decode_kv4m(
 #endif
     cp_async_wait<0>();
     bulk_drain();
+    if (PAGED && KV4M_DIAG_NO_EPILOGUE) {
+        if (KV4M_LOAD_ONLY && l0 == 1.f) out[0] = 0;  // keeps the copies-only reads of the stages
+        return;
+    }
 
 #pragma unroll
     for (int off = 4; off < 32; off <<= 1) {
@@ -1281,19 +1325,31 @@ __device__ __forceinline__ void decode_kv4m(
     }
     __syncthreads();  // every warp is done with its ring: reuse them for the merge
     TRACE_MARK(2);
-    float* s_o = reinterpret_cast<float*>(rings);  // [NW][8][D], then s_m, s_l [NW][8]
+    // [NW][8][OS], then s_m, s_l [NW][8]. LEAN: each head's d, d + 1 as one float pair, rows
+    // padded to D + 8 floats (2-way bank conflicts instead of 4), only the CTA's real heads.
+    constexpr int OS = KV4M_LEAN_MERGE ? D + 8 : D;
+    float* s_o = reinterpret_cast<float*>(rings);
     {
-        float* mine_o = s_o + warp * HEADS_PER_CTA * D;
+        float* mine_o = s_o + warp * HEADS_PER_CTA * OS;
         // m-tile 2 c + h: rows gid hold d = 32 c + 4 gid + 2 h, rows gid + 8 hold d + 1 (x16).
 #pragma unroll
         for (int mt = 0; mt < F::MT; ++mt) {
             const int d = 32 * (mt >> 1) + 4 * gid + 2 * (mt & 1);
-            mine_o[(2 * tig) * D + d] = o[mt][0];
-            mine_o[(2 * tig + 1) * D + d] = o[mt][1];
-            mine_o[(2 * tig) * D + d + 1] = o[mt][2] * 0.0625f;
-            mine_o[(2 * tig + 1) * D + d + 1] = o[mt][3] * 0.0625f;
+            if (KV4M_LEAN_MERGE) {
+                if (2 * tig < nheads)
+                    *reinterpret_cast<float2*>(mine_o + (2 * tig) * OS + d) =
+                        make_float2(o[mt][0], o[mt][2] * 0.0625f);
+                if (2 * tig + 1 < nheads)
+                    *reinterpret_cast<float2*>(mine_o + (2 * tig + 1) * OS + d) =
+                        make_float2(o[mt][1], o[mt][3] * 0.0625f);
+            } else {
+                mine_o[(2 * tig) * D + d] = o[mt][0];
+                mine_o[(2 * tig + 1) * D + d] = o[mt][1];
+                mine_o[(2 * tig) * D + d + 1] = o[mt][2] * 0.0625f;
+                mine_o[(2 * tig + 1) * D + d + 1] = o[mt][3] * 0.0625f;
+            }
         }
-        float* s_m = s_o + NW * HEADS_PER_CTA * D;
+        float* s_m = s_o + NW * HEADS_PER_CTA * OS;
         float* s_l = s_m + NW * HEADS_PER_CTA;
         if (gid == 0) {
             s_m[warp * HEADS_PER_CTA + 2 * tig] = m0;
@@ -1302,7 +1358,8 @@ __device__ __forceinline__ void decode_kv4m(
             s_l[warp * HEADS_PER_CTA + 2 * tig + 1] = l1;
         }
     }
-    merge_and_store<D, NW>(s_o, nheads, nsplit_b, splits, (long long)b * q_heads + head0,
+    merge_and_store<D, NW, OS, KV4M_LEAN_MERGE>(s_o, nheads, nsplit_b, splits,
+                                                (long long)b * q_heads + head0,
                            b * kv_heads * head_blocks + blockIdx.y, out, part_o, part_lse, tickets);
 }
 
