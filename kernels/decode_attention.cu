@@ -1359,9 +1359,9 @@ __device__ __forceinline__ void decode_kv4m(
             s_l[warp * HEADS_PER_CTA + 2 * tig + 1] = l1;
         }
     }
-    merge_and_store<D, NW, OS, KV4M_LEAN_MERGE>(s_o, nheads, nsplit_b, splits,
-                                                (long long)b * q_heads + head0,
-                           b * kv_heads * head_blocks + blockIdx.y, out, part_o, part_lse, tickets);
+    merge_and_store<D, NW, OS, KV4M_LEAN_MERGE>(
+        s_o, nheads, nsplit_b, splits, (long long)b * q_heads + head0,
+        b * kv_heads * head_blocks + blockIdx.y, out, part_o, part_lse, tickets);
 }
 
 // ---------------------------------------------------------------------------------------------
