@@ -59,6 +59,7 @@
 #include "fp16_bits.cuh"  // u8/u16/u32, half_to_float, float_to_half
 #include "mbarrier.cuh"
 #include "pdl.cuh"
+#include "shared_words.cuh"
 
 // Diagnostic timeline (-DKV4M_TRACE=1): thread 0 of each CTA stores %globaltimer at entry (0),
 // at the start of the tile loop (1), once every warp is done with it (2) and at exit (3), and
@@ -377,13 +378,7 @@ struct KV4 {
                                                   const u32 (&qa)[STEPS][2], int gid, int tig) {
         const u8* row = st + (n * 8 + gid) * K_ROW + tig * (D / 8);
         u32 w[D / 32];
-        if constexpr (D == 128) {
-            const uint4 x = *reinterpret_cast<const uint4*>(row);
-            w[0] = x.x; w[1] = x.y; w[2] = x.z; w[3] = x.w;
-        } else {
-            const uint2 x = *reinterpret_cast<const uint2*>(row);
-            w[0] = x.x; w[1] = x.y;
-        }
+        shared_words(row, w);
         acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
 #pragma unroll
         for (int s = 0; s < STEPS; ++s) {
@@ -831,16 +826,6 @@ struct KV4M {
     }
 };
 
-template <int N>
-__device__ __forceinline__ void load_words(u32 (&w)[N], const u8* p) {
-    if constexpr (N == 4) {
-        const uint4 x = *reinterpret_cast<const uint4*>(p);
-        w[0] = x.x; w[1] = x.y; w[2] = x.z; w[3] = x.w;
-    } else {
-        const uint2 x = *reinterpret_cast<const uint2*>(p);
-        w[0] = x.x; w[1] = x.y;
-    }
-}
 
 // Early-start builds ("_pdl", launched with programmatic dependent launch): before waiting for
 // the previous kernel (which may write the cache's last blocks, the table, the lengths or q),
@@ -1124,8 +1109,8 @@ __device__ __forceinline__ void decode_kv4m(
     auto read_tile = [&](int j, Tile& T) {  // every shared-memory read first: latencies overlap
         const int soff = (j % NST) * F::STAGE;
         const u8* st = ring_ptr + soff;
-        load_words(T.ka, st + k_rd);
-        load_words(T.kb, st + k_rd + 8 * F::K_ROW);
+        shared_words(st + k_rd, T.ka);
+        shared_words(st + k_rd + 8 * F::K_ROW, T.kb);
         const u32* pw = reinterpret_cast<const u32*>(st + F::OFF_KP + p_rd);
         T.kp0 = pw[0]; T.kp1 = pw[8]; T.vp0 = pw[TILE]; T.vp1 = pw[TILE + 8];
         T.zwa = *reinterpret_cast<const uint2*>(st + F::OFF_VP + z_rd);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "mbarrier.cuh"
+#include "shared_words.cuh"
 
 // Int32 accumulators that start from the bits of 12582912.0f read back as 12582912 + dot (exact for
 // |dot| < 2^22), so int -> float costs one FADD instead of a conversion.
@@ -35,18 +36,6 @@ __device__ __forceinline__ void load_words(const unsigned char* p, bool valid, u
         w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
     } else {
         const uint2 v = valid ? __ldg(reinterpret_cast<const uint2*>(p)) : make_uint2(0, 0);
-        w[0] = v.x; w[1] = v.y;
-    }
-}
-
-// The same words from shared memory (a ring stage).
-template <int WORDS>
-__device__ __forceinline__ void shared_words(const unsigned char* p, unsigned (&w)[WORDS]) {
-    if constexpr (WORDS == 4) {
-        const uint4 v = *reinterpret_cast<const uint4*>(p);
-        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
-    } else {
-        const uint2 v = *reinterpret_cast<const uint2*>(p);
         w[0] = v.x; w[1] = v.y;
     }
 }
