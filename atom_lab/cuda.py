@@ -78,15 +78,25 @@ def load_module(name: str, options: tuple[str, ...] = ()):
     return cupy.RawModule(code=source_with_header_digest(path), options=opts, name_expressions=None)
 
 
-def source_with_header_digest(path: Path) -> str:
-    """The source plus a comment hashing its local headers: CuPy's on-disk cache is keyed on the
-    source text alone, so without it an edited kernels/*.cuh would reuse a stale binary."""
-    code = path.read_text()
-    digest = hashlib.sha256()
-    for name in sorted(set(re.findall(r'^\s*#include\s+"([^"]+)"', code, flags=re.M))):
+def _local_headers(path: Path, seen: set[str]) -> None:
+    """Names of the local headers `path` includes, directly or through other local headers."""
+    for name in re.findall(r'^\s*#include\s+"([^"]+)"', path.read_text(), flags=re.M):
         header = path.parent / name
-        if header.is_file():
-            digest.update(name.encode() + b"\0" + header.read_bytes())
+        if name not in seen and header.is_file():
+            seen.add(name)
+            _local_headers(header, seen)
+
+
+def source_with_header_digest(path: Path) -> str:
+    """The source plus a comment hashing its local headers (nested ones too): CuPy's on-disk cache
+    is keyed on the source text alone, so without it an edited kernels/*.cuh would reuse a stale
+    binary."""
+    code = path.read_text()
+    names: set[str] = set()
+    _local_headers(path, names)
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        digest.update(name.encode() + b"\0" + (path.parent / name).read_bytes())
     return code + f"\n// local headers sha256 {digest.hexdigest()}\n"
 
 

@@ -103,6 +103,17 @@ def test_compile_cache_key_follows_the_local_headers(tmp_path):
         assert '#include "w4a4_common.cuh"' in (kernels_dir() / f"{name}.cu").read_text()
 
 
+def test_compile_cache_key_follows_headers_included_by_headers(tmp_path):
+    """w4a4_common.cuh includes mbarrier.cuh and shared_words.cuh: an edit there must rebuild
+    the kernels that include w4a4_common.cuh."""
+    (tmp_path / "inner.cuh").write_text("#define SCALE 1\n")
+    (tmp_path / "outer.cuh").write_text('#pragma once\n#include "inner.cuh"\n')
+    (tmp_path / "k.cu").write_text('#include "outer.cuh"\nextern "C" __global__ void k() {}\n')
+    before = source_with_header_digest(tmp_path / "k.cu")
+    (tmp_path / "inner.cuh").write_text("#define SCALE 2\n")
+    assert source_with_header_digest(tmp_path / "k.cu") != before
+
+
 def test_quantize_dispatch_falls_back_where_staged_rows_overflow_shared_memory():
     k_total = 28672 + 128  # Llama-70B FFN width: SiLU*up rows staged twice do not fit a SM
     assert ko.choose_quant_variant(4096, k_total) == "wide"
