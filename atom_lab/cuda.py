@@ -124,7 +124,8 @@ def torch_current_stream(device_index: int | None = None):
 
 
 # ------------------------------------------------------------------------------------------------
-# Programmatic dependent launch (sm_90): a kernel that may start before the previous one ends
+# Launch attributes (sm_90): programmatic dependent launch (a kernel that may start before the
+# previous one ends) and thread-block clusters
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute (cuda.h): id, padding, 64-byte union
     _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_ubyte * 4), ("value", ctypes.c_ubyte * 64)]
@@ -136,6 +137,7 @@ class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h)
                 ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
 
 
+CLUSTER_DIMENSION = 4  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION: {x, y, z} CTAs
 PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
@@ -157,31 +159,47 @@ def _kernel_param(value) -> ctypes._SimpleCData:
     return ctypes.c_uint64(int(value))  # device pointers (np.uint64)
 
 
-def launch_pdl(kernel, grid, block, args, smem: int, device) -> None:
-    """Launch a CuPy RawKernel on torch's current stream with programmatic stream serialization
-    (cuLaunchKernelEx through ctypes: CuPy's launch takes no attributes). The kernel may start
-    before the previous kernel in the stream has finished; it must execute griddepcontrol.wait
-    before touching anything that kernel writes. Works under CUDA-graph capture (a programmatic
-    edge)."""
+def _launch_ex(kernel, grid, block, args, smem: int, device, attrs: list[_LaunchAttribute],
+               what: str) -> None:
+    """Launch a CuPy RawKernel on torch's current stream with launch attributes
+    (cuLaunchKernelEx through ctypes: CuPy's launch takes no attributes)."""
     import cupy
     import torch
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     params = [_kernel_param(a) for a in args]
     pointers = (ctypes.c_void_p * len(params))(*[ctypes.addressof(p) for p in params])
-    attr = _LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION)
-    attr.value[0] = 1  # programmaticStreamSerializationAllowed
     grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
+    array = (_LaunchAttribute * len(attrs))(*attrs)
     config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), smem,
-                           torch.cuda.current_stream(index).cuda_stream, ctypes.pointer(attr), 1)
+                           torch.cuda.current_stream(index).cuda_stream, array, len(attrs))
     with cupy.cuda.Device(index):
         function = kernel.kernel.ptr  # compiles and loads the module on first use
         rc = _driver().cuLaunchKernelEx(ctypes.byref(config), function, pointers, None)
     if rc != 0:
         msg = ctypes.c_char_p()
         _driver().cuGetErrorString(rc, ctypes.byref(msg))
-        raise RuntimeError(f"cuLaunchKernelEx (programmatic serialization) failed: error {rc} "
+        raise RuntimeError(f"cuLaunchKernelEx ({what}) failed: error {rc} "
                            f"({(msg.value or b'?').decode()})")
+
+
+def launch_pdl(kernel, grid, block, args, smem: int, device) -> None:
+    """Launch with programmatic stream serialization. The kernel may start before the previous
+    kernel in the stream has finished; it must execute griddepcontrol.wait before touching
+    anything that kernel writes. Works under CUDA-graph capture (a programmatic edge)."""
+    attr = _LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value[0] = 1  # programmaticStreamSerializationAllowed
+    _launch_ex(kernel, grid, block, args, smem, device, [attr], "programmatic serialization")
+
+
+def launch_cluster(kernel, grid, block, args, smem: int, device, cluster_x: int) -> None:
+    """Launch in thread-block clusters of cluster_x CTAs along the grid's x (a divisor of it; at
+    most 8, the portable size): a cluster's CTAs run at once and share their shared memory."""
+    if not 1 <= cluster_x <= 8 or grid[0] % cluster_x:
+        raise ValueError(f"cluster_x={cluster_x}: must lie in 1..8 and divide grid x={grid[0]}")
+    dims = _LaunchAttribute(id=CLUSTER_DIMENSION)
+    ctypes.memmove(dims.value, (ctypes.c_uint * 3)(cluster_x, 1, 1), 12)
+    _launch_ex(kernel, grid, block, args, smem, device, [dims], f"clusters of {cluster_x}")
 
 
 _EARLY_LAUNCH_FAILED = False

@@ -47,7 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from atom_lab.cuda import get_kernel, launch_early, require_kernel_backend, torch_current_stream
+from atom_lab.cuda import (get_kernel, launch_cluster, launch_early, require_kernel_backend,
+                            torch_current_stream)
 from atom_lab.formats import KVQuantized, decode_kv, encode_kv, kv_bytes_per_token
 
 HEAD_DIMS = (64, 128)
@@ -58,6 +59,7 @@ CAPACITY_ALIGN = 16     # capacity multiple: tiles never straddle the end of a r
 BLOCK_TOKENS = 16       # tokens of one paged block (= TILE: a warp's tile is one block)
 APPEND_WARPS = 8
 MAX_SPLITS = 256        # the merging CTA keeps [8 heads][splits] weights in shared memory
+MAX_CLUSTER = 8         # a cluster build's splits: at most the portable cluster size
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ class DecodeBuild:
     wave_start_s: float = 0.0  # each further wave of CTAs: their starts and ends not overlapped
     early: bool = False     # launched with programmatic dependent launch (decode_attention.cu:
     #                         prefetch_first_blocks): starts while the previous kernel finishes
+    cluster: bool = False   # the same kernel launched in clusters of its `splits` CTAs, which
+    #                         merge their partials through distributed shared memory (round 8)
 
 
 BUILDS = {
@@ -99,8 +103,10 @@ BUILDS = {
 # round 5: the two paged builds started early (PDL: L2 prefetches of their first blocks before they
 # wait for the previous kernel); not planned (see the module docstring)
 BUILDS.update({f"{name}_pdl": replace(BUILDS[name], early=True) for name in ("kv4p", "kv4pw8")})
+# round 8: the two paged builds with split-K merged inside a cluster (2..MAX_CLUSTER partitions)
+BUILDS.update({f"{name}_cl": replace(BUILDS[name], cluster=True) for name in ("kv4p", "kv4pw8")})
 # builds a cache format runs ("kv4p": paged, "kv4": contiguous) and those the planner picks from
-_FAMILY = {"kv4p": ("kv4p", "kv4pw8", "kv4p_pdl", "kv4pw8_pdl"),
+_FAMILY = {"kv4p": ("kv4p", "kv4pw8", "kv4p_pdl", "kv4pw8_pdl", "kv4p_cl", "kv4pw8_cl"),
            "kv4": ("kv4", "kv4w8", "kv4s6", "kv4v3"), "fp16": ("fp16",)}
 _PLANNED = {"kv4p": ("kv4p", "kv4pw8"), "kv4": ("kv4", "kv4w8", "kv4v3"), "fp16": ("fp16",)}
 
@@ -140,6 +146,9 @@ def check_heads(q_heads: int, kv_heads: int) -> int:
 # holds its slot through its fence and ticket atomic, which queue behind the streaming traffic
 # of a full GPU: traced epilogues of 3 us median, 8.5 us at worst). H100 fits.
 MERGE_S = (2e-6, 0.15e-6, 3e-6)
+# Split-K merged inside a cluster (the "_cl" builds): two cluster barriers and a few
+# distributed-shared-memory loads a CTA, no global round trip.
+MERGE_CLUSTER_S = 0.5e-6
 
 
 @dataclass(frozen=True)
@@ -152,6 +161,7 @@ class KernelShape:
     fixed_s: float
     wave_tail: float = 0.0
     wave_start_s: float = 0.0
+    cluster: bool = False   # partitions merged in a cluster: 2..MAX_CLUSTER of them
 
 
 @dataclass(frozen=True)
@@ -170,12 +180,15 @@ def plan_splits(ctas: int, max_len: int, token_bytes: int, kernels, max_splits: 
         + (waves - 1) * wave_start + (split-K merge if partitioned),
 
     where ctas = batch * kv_heads * head_blocks, token_bytes = bytes of one token of one KV head,
-    and a partially filled last wave of CTAs costs a whole wave.
+    and a partially filled last wave of CTAs costs a whole wave. The merge is a cluster's
+    (MERGE_CLUSTER_S) for cluster builds, which take at most MAX_CLUSTER partitions (one: a plain
+    launch of the same kernel).
     """
     max_len = max(int(max_len), 1)
     best, best_t = None, math.inf
     for shape in kernels:
-        for s in range(1, max_splits + 1):
+        limit = min(max_splits, MAX_CLUSTER if shape.cluster else max_splits)
+        for s in range(1, limit + 1):
             chunk = _align(-(-max_len // s), CHUNK_ALIGN)
             splits = -(-max_len // chunk)
             if splits != s:
@@ -185,7 +198,9 @@ def plan_splits(ctas: int, max_len: int, token_bytes: int, kernels, max_splits: 
             cta_s = chunk * token_bytes / shape.cta_bytes_per_s
             t = shape.fixed_s + max(total_s * (1 + shape.wave_tail / waves), waves * cta_s) + \
                 (waves - 1) * shape.wave_start_s
-            if splits > 1:
+            if splits > 1 and shape.cluster:
+                t += MERGE_CLUSTER_S
+            elif splits > 1:
                 t += MERGE_S[0] + MERGE_S[1] * splits + MERGE_S[2] * ctas * splits / shape.slots
             if t < best_t:
                 best, best_t = SplitPlan(splits, chunk, shape.name), t
@@ -225,7 +240,8 @@ def _stage_bytes(build: str, head_dim: int) -> int:
 
 
 # builds whose ring depth is the source's KV4M_NST (a -DKV4M_NST=N compile option changes it)
-_NST_BUILDS = ("kv4p", "kv4pw8", "kv4p_pdl", "kv4pw8_pdl", "kv4", "kv4w8")
+_NST_BUILDS = ("kv4p", "kv4pw8", "kv4p_pdl", "kv4pw8_pdl", "kv4p_cl", "kv4pw8_cl", "kv4",
+               "kv4w8")
 
 
 def _ring_stages(build: str, options: tuple[str, ...] = ()) -> int:
@@ -257,13 +273,14 @@ def kernel_shapes(family: str, head_dim: int, device_index: int = 0,
         spec = BUILDS[name]
         sms, per_sm = _resident_ctas(name, head_dim, device_index, tuple(options))
         shapes.append(KernelShape(name, sms * per_sm, spec.hbm_bytes_per_s, spec.cta_bytes_per_s,
-                                  spec.fixed_s, spec.wave_tail, spec.wave_start_s))
+                                  spec.fixed_s, spec.wave_tail, spec.wave_start_s, spec.cluster))
     return shapes
 
 
 @functools.lru_cache(maxsize=None)
 def _decode_kernel(fmt: str, head_dim: int, options: tuple[str, ...] = ()):
-    kernel = get_kernel("decode_attention", f"decode_attention_{fmt}_d{head_dim}", options)
+    name = fmt.removesuffix("_cl")  # a cluster build launches the plain build's kernel
+    kernel = get_kernel("decode_attention", f"decode_attention_{name}_d{head_dim}", options)
     smem = _smem_bytes(fmt, head_dim, options)
     if smem > 48 * 1024:
         kernel.max_dynamic_shared_size_bytes = smem
@@ -393,14 +410,17 @@ def _decode(family, q, sources, lengths, max_len, B, Hkv, cap, extent, D, softma
             or not 1 <= plan.splits <= MAX_SPLITS):
         raise ValueError(f"plan={plan}: chunk must be a multiple of {CHUNK_ALIGN}, splits in "
                          f"1..{MAX_SPLITS} and splits * chunk must cover max_len={max_len}")
+    clustered = BUILDS[fmt].cluster and plan.splits > 1
+    if BUILDS[fmt].cluster and plan.splits > MAX_CLUSTER:
+        raise ValueError(f"plan={plan}: the cluster build {fmt} takes splits in 1..{MAX_CLUSTER}")
     if out is None:
         out = torch.empty_like(q)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    if plan.splits > 1:
+    if plan.splits > 1 and not clustered:
         part_o = torch.empty(B * q.shape[1] * plan.splits * D, dtype=torch.float32, device=device)
         part_lse = torch.empty(B * q.shape[1] * plan.splits, dtype=torch.float32, device=device)
     else:
-        part_o = part_lse = out  # never touched with one split
+        part_o = part_lse = out  # never touched with one split or a cluster's merge
     tickets = _tickets(B * Hkv * head_blocks, device)
     q = q.contiguous()
     args = (_ptr(q),) + tuple(_ptr(t) if t is not None else np.uint64(0) for t in sources) + (
@@ -409,7 +429,9 @@ def _decode(family, q, sources, lengths, max_len, B, Hkv, cap, extent, D, softma
         _ptr(out), _ptr(part_o), _ptr(part_lse), _ptr(tickets)) + tuple(extra_args)
     kernel, smem = _decode_kernel(fmt, D, options), _smem_bytes(fmt, D, options)
     grid, block = (plan.splits, Hkv * head_blocks, B), (BUILDS[fmt].warps * 32, 1, 1)
-    if not (BUILDS[fmt].early and launch_early(kernel, grid, block, args, smem, device)):
+    if clustered:
+        launch_cluster(kernel, grid, block, args, smem, device, plan.splits)
+    elif not (BUILDS[fmt].early and launch_early(kernel, grid, block, args, smem, device)):
         _launch(kernel, grid, block, args, smem)
     return out
 

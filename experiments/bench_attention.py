@@ -12,7 +12,8 @@ Variants timed side by side in the same process on the same data:
         contiguous run of codes + fp16 scale/zero, through a block table; round 5: each block
         copied by one bulk copy, the TMA engine): the planner's pick of
         build (4 or 8 warps a CTA) and split-K partitions; kv4_best: the fastest of a sweep over
-        partition counts and both builds (a check of the planner's model)
+        partition counts and both builds (a check of the planner's model), and the cluster
+        builds ("_cl", round 8: split-K merged in a thread-block cluster, 2..8 partitions)
   twin  the planned kernel and plan launched the other way: plain <-> early start ("_pdl" builds,
         programmatic dependent launch; round 5, not planned: not faster)
   old   the same cache in rounds 1-3's contiguous layout (codes and params of K and V in four
@@ -56,6 +57,7 @@ TOL = 2e-3
 SWEEP_SPLITS = (1, 2, 4, 8, 16)
 PAGED_BUILDS = kk._FAMILY["kv4p"]
 SWEEP_BUILDS = kk._PLANNED["kv4p"]  # the builds the planner picks from
+CLUSTER_BUILDS = tuple(b for b in PAGED_BUILDS if kk.BUILDS[b].cluster)
 CHECK_BUILDS = PAGED_BUILDS + kk._FAMILY["kv4"]
 # Ablation: (label, cache, build, NVRTC options, check, splits or None), timed side by side on
 # key rows (the target rows, a bandwidth-bound one, a lone-CTA one and a tiny one that shows the
@@ -73,6 +75,9 @@ ABLATIONS = [
     ("paged kv4p", "paged", "kv4p", (), "ragged", None),
     ("paged kv4pw8", "paged", "kv4pw8", (), "ragged", None),
     ("paged kv4p_pdl (early start)", "paged", "kv4p_pdl", (), "ragged", None),
+    ("paged kv4p_cl (split-K merged in a cluster)", "paged", "kv4p_cl", (), "ragged", (2, 4)),
+    ("paged kv4pw8_cl (split-K merged in a cluster)", "paged", "kv4pw8_cl", (), "ragged",
+     (2, 4, 8)),
     ("paged kv4pw8_pdl (early start)", "paged", "kv4pw8_pdl", (), "ragged", None),
     *[(f"kv4pw8_pdl, {n} blocks a warp prefetched", "paged", "kv4pw8_pdl",
        (f"-DKV4P_EARLY_BLOCKS={n}",) + PAGED_ONLY, "ragged", None) for n in (0, 1, 2, 8, 16)],
@@ -140,7 +145,8 @@ ABLATIONS = [
 ABLATION_ROWS = [("llama7b_mha", 16, 2048, (1,)), ("gqa_32q_8kv", 64, 2048, (1,)),
                  ("gqa_32q_8kv", 16, 8192, (1, 2)), ("gqa_32q_8kv", 64, 8192, (1,)),
                  ("gqa_32q_8kv", 16, 2048, (1, 2, 4)), ("llama7b_mha", 256, 2048, (1,)),
-                 ("gqa_32q_8kv", 16, 64, (1,))]
+                 ("gqa_32q_8kv", 16, 64, (1,)), ("gqa_32q_8kv", 1, 2048, (8, 16)),
+                 ("llama7b_mha", 1, 8192, (4, 8))]
 # Timelines (-DKV4M_TRACE=1): (config, batch, context, cache, build, splits, extra options)
 TRACES = [("llama7b_mha", 16, 2048, "paged", "kv4p", 1, ()),
           ("llama7b_mha", 16, 2048, "paged", "kv4pw8", 1, ()),
@@ -272,6 +278,8 @@ def check_correctness() -> list[dict]:
                 for build in CHECK_BUILDS:  # each build, planned splits or this row's
                     p = kk.SplitPlan(plan.splits, plan.chunk, build) if plan else \
                         kk.SplitPlan(3, 1408, build)
+                    if kk.BUILDS[build].cluster:
+                        p = split_plan(max(lengths), p.splits, build)
                     for layout in ((layout_of(build), "shuffled") if build in PAGED_BUILDS
                                    else ("old",)):
                         out = torch.full_like(q, float("nan"))
@@ -372,15 +380,16 @@ def bench_row(name, Hq, Hkv, B, L, bw, D=HEAD_DIM) -> dict | None:
     twin = launch_twin(plan4.kernel)
     results["twin"] = time_calls([lambda s=s: kv4(s, kk.SplitPlan(plan4.splits, plan4.chunk, twin))
                                   for s in sets])
-    for build in SWEEP_BUILDS:
+    for build in SWEEP_BUILDS + CLUSTER_BUILDS:
         for n in SWEEP_SPLITS:
             p = split_plan(L, n, build)
             if (build, p.splits) not in sweep:
                 sweep[(build, p.splits)] = time_calls([lambda s=s, p=p: kv4(s, p) for s in sets])[0]
     best = min(sweep, key=sweep.get)
 
-    def traffic(cache_bytes, plan):
-        partials = 2 * B * Hq * plan.splits * (D + 1) * 4 if plan.splits > 1 else 0
+    def traffic(cache_bytes, plan):  # a cluster's partials stay on chip
+        partials = 2 * B * Hq * plan.splits * (D + 1) * 4 \
+            if plan.splits > 1 and not kk.BUILDS[plan.kernel or "kv4p"].cluster else 0
         return cache_bytes + 2 * B * Hq * D * 2 + partials
 
     bytes4, bytes16 = traffic(cache_kv4, plan4), traffic(cache_fp16, plan16)
@@ -421,7 +430,10 @@ def bench_row(name, Hq, Hkv, B, L, bw, D=HEAD_DIM) -> dict | None:
 
 
 def launch_twin(build: str) -> str:
-    """The same kernel body launched the other way: plain <-> early start (PDL)."""
+    """The same kernel body launched the other way: plain <-> early start (PDL); a cluster
+    build's twin merges the same partitions through global memory (the last CTA's ticket)."""
+    if build.endswith("_cl"):
+        return build[:-len("_cl")]
     return build[:-len("_pdl")] if build.endswith("_pdl") else build + "_pdl"
 
 
@@ -456,7 +468,8 @@ def write_markdown(rows, checks, env, path: Path) -> None:
               "partitions S (kv4p / kv4pw8: 4 / 8 warps a CTA). old: the same cache in rounds "
               "1-3's contiguous layout, round 3's planner (kv4 / kv4w8: round-3 kernel, kv4v3: "
               "round 1's). Sweep: S in 1..16 for the builds the planner picks from, a check of "
-              "its cost model. twin: the planned kernel and plan launched the other way (plain "
+              "its cost model, and S in 2..8 for the cluster builds (`_cl`: the partitions "
+              "merged in a thread-block cluster through distributed shared memory). twin: the planned kernel and plan launched the other way (plain "
               "<-> early start, `_pdl`: programmatic dependent launch, L2 prefetches of the first "
               "blocks before waiting for the previous kernel, here the previous call).", ""]
     lines.append("| config | batch | context | kv4 us | old us | fp16 kernel us | SDPA us | x SDPA | "
@@ -532,6 +545,9 @@ def plot(csv_path: Path, png_path: Path) -> None:
 
 
 def split_plan(L: int, n: int, build: str) -> kk.SplitPlan:
+    """About n partitions of L tokens (a cluster build: 2..MAX_CLUSTER, its merge's range)."""
+    if kk.BUILDS[build].cluster:
+        n = min(max(n, 2), kk.MAX_CLUSTER)
     chunk = kk._align(-(-L // n), kk.CHUNK_ALIGN)
     return kk.SplitPlan(-(-L // chunk), chunk, build)
 
@@ -601,7 +617,8 @@ def ablate(out_dir: Path, only: list[str] | None = None) -> None:
     ABLATION_ROWS; each "ragged" variant is checked first on ragged inputs, each non-diagnostic
     one on the row's data."""
     records, checked = [], {}
-    variants = [a for a in ABLATIONS if not only or any(o in a[0] for o in only)]
+    variants = [a for a in ABLATIONS if not only or any(
+        a[0] == o[1:] if o.startswith("=") else o in a[0] for o in only)]
     for label, layout, build, opts, check, _ in variants:
         if check == "ragged":
             checked[label] = variant_check(layout, build, opts)
@@ -633,7 +650,7 @@ def ablate(out_dir: Path, only: list[str] | None = None) -> None:
                 continue
             for n in splits or row_splits:
                 plan = split_plan(L, n, build)
-                if plan.splits != n or (splits and n not in row_splits and n > max(row_splits)):
+                if plan.splits != n:
                     continue
                 s0["out4"].fill_(float("nan"))
                 decode(s0, layout, L, plan, s0["out4"], opts)
@@ -746,7 +763,8 @@ def main() -> int:
     ap.add_argument("--single", nargs=5, metavar=("CONFIG", "B", "L", "BUILD", "S"))
     ap.add_argument("--opts", nargs="*", default=[], help="--single: NVRTC options of the build")
     ap.add_argument("--ablate", action="store_true", help="only the kernel-variant ablation")
-    ap.add_argument("--variants", nargs="*", help="--ablate: only labels containing one of these")
+    ap.add_argument("--variants", nargs="*",
+                    help="--ablate: only labels containing one of these (=LABEL: exactly LABEL)")
     ap.add_argument("--trace", action="store_true", help="only the per-CTA timelines")
     args = ap.parse_args()
     if args.ablate or args.trace:

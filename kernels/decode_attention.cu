@@ -48,7 +48,10 @@
 //
 // Split-K: with splits > 1 each CTA writes a normalized partial and its log-sum-exp (base 2);
 // the last CTA of a (sequence, head block) to finish (an atomic ticket, reset after use so CUDA
-// graph replays work) merges them, so no second kernel is launched. Shared fp16 helpers: fp16_bits.cuh.
+// graph replays work) merges them, so no second kernel is launched. Launched in clusters of
+// `splits` CTAs (builds "kv4p_cl", "kv4pw8_cl", the same kernels; round 8), the partitions of a
+// (sequence, head block) are one cluster instead: the partials stay in shared memory and the
+// cluster's CTAs merge them through distributed shared memory (no global round trip, no ticket). Shared fp16 helpers: fp16_bits.cuh.
 
 #define WARPS 4            // warps of a round-1 CTA
 #define TILE 16
@@ -57,6 +60,7 @@
 #define RESCALE_SLACK 2.f  // p <= 4: p * s_v stays finite in fp16 for any fp16 scale (<= 8734)
 
 #include "fp16_bits.cuh"  // u8/u16/u32, half_to_float, float_to_half
+#include "cluster.cuh"
 #include "mbarrier.cuh"
 #include "pdl.cuh"
 #include "shared_words.cuh"
@@ -221,6 +225,58 @@ __device__ __forceinline__ float load_cg(const float* p) {
 // LEAN: each head's warp weights 2^(m_w - max) and sum computed once (into s_m and a [2][8] table
 // past s_l) instead of once an output element: the same values in the same order (measured on
 // the H100: bit-identical outputs, attention_epilogue_bits_round7.txt).
+// Cluster split-K: a CTA's normalized partial [8][D] and its log-sum-exps [8], in the split-K
+// weights' space past the epilogue's tables (unused when the merge is a cluster's).
+template <int NW, int OS>
+__device__ __forceinline__ float* cluster_partial(float* s_o) {
+    return s_o + NW * HEADS_PER_CTA * (OS + 2) + 2 * HEADS_PER_CTA;
+}
+
+// Once every CTA of the cluster has its partial in place: rank r merges output elements
+// r * NW * 32 + tid, ... of all ranks' partials and stores them; the closing barrier keeps each
+// CTA's shared memory alive until the others have read it. A rank past the sequence's end holds
+// log-sum-exp NEG_BIG and zeros (weight 0; all empty: output 0).
+template <int D, int NW>
+__device__ __forceinline__ void cluster_merge_store(const float* s_part, int nheads,
+                                                    long long head_row0, u16* __restrict__ out) {
+    constexpr int MAX_RANKS = 8;  // portable cluster size
+    const int ranks = cluster_ctas(), me = cluster_rank();
+    const u32 po = smem_addr(s_part), pl = po + 4 * HEADS_PER_CTA * D;
+    cluster_sync();
+    for (int i = me * NW * 32 + threadIdx.x; i < nheads * D; i += ranks * NW * 32) {
+        const int h = i / D;
+        float lse[MAX_RANKS], o[MAX_RANKS], mx = NEG_BIG;
+#pragma unroll
+        for (int r = 0; r < MAX_RANKS; ++r) {
+            lse[r] = r < ranks ? cluster_load(cluster_map(pl + 4 * h, r)) : NEG_BIG;
+            o[r] = r < ranks ? cluster_load(cluster_map(po + 4 * i, r)) : 0.f;
+            mx = fmaxf(mx, lse[r]);
+        }
+        float sum = 0.f, acc = 0.f;
+#pragma unroll
+        for (int r = 0; r < MAX_RANKS; ++r) {
+            if (r < ranks) {
+                const float w = fast_exp2(lse[r] - mx);
+                sum += w;
+                acc += w * o[r];
+            }
+        }
+        out[(head_row0 + h) * D + i % D] = float_to_half(acc / sum);
+    }
+    cluster_sync();
+}
+
+// A cluster rank whose partition lies past the sequence's end: an empty partial, then the merge.
+template <int D, int NW, int OS>
+__device__ __forceinline__ void cluster_empty_partial(float* s_o, int nheads, long long head_row0,
+                                                      u16* __restrict__ out) {
+    float* s_part = cluster_partial<NW, OS>(s_o);
+    __syncthreads();  // every warp's copies into the rings (which s_part overlays) have landed
+    for (int i = threadIdx.x; i < nheads * D; i += NW * 32) s_part[i] = 0.f;
+    if (threadIdx.x < nheads) s_part[HEADS_PER_CTA * D + threadIdx.x] = NEG_BIG;
+    cluster_merge_store<D, NW>(s_part, nheads, head_row0, out);
+}
+
 template <int D, int NW, int OS = D, bool LEAN = false>
 __device__ __forceinline__ void merge_and_store(float* s_o, int nheads, int nsplit_b,
                                                 int splits, long long head_row0, int ticket,
@@ -228,6 +284,8 @@ __device__ __forceinline__ void merge_and_store(float* s_o, int nheads, int nspl
                                                 float* __restrict__ part_lse,
                                                 int* __restrict__ tickets) {
     const int tid = threadIdx.x, split = blockIdx.x;
+    const bool clustered = cluster_ctas() > 1;
+    float* s_part = cluster_partial<NW, OS>(s_o);
     float* s_m = s_o + NW * HEADS_PER_CTA * OS;
     float* s_l = s_m + NW * HEADS_PER_CTA;
     float* s_x = s_l + NW * HEADS_PER_CTA;  // LEAN: [2][8] each head's max and sum
@@ -267,13 +325,20 @@ __device__ __forceinline__ void merge_and_store(float* s_o, int nheads, int nspl
                 acc += f * s_o[(w * HEADS_PER_CTA + h) * OS + d];
             }
         }
-        if (nsplit_b == 1) {
+        if (clustered) {
+            s_part[i] = sum > 0.f ? acc / sum : 0.f;
+            if (d == 0) s_part[HEADS_PER_CTA * D + h] = sum > 0.f ? mx + fast_log2(sum) : NEG_BIG;
+        } else if (nsplit_b == 1) {
             out[(head_row0 + h) * D + d] = float_to_half(sum > 0.f ? acc / sum : 0.f);
         } else {
             const long long pr = (head_row0 + h) * splits + split;
             part_o[pr * D + d] = acc / sum;
             if (d == 0) part_lse[pr] = mx + fast_log2(sum);
         }
+    }
+    if (clustered) {
+        cluster_merge_store<D, NW>(s_part, nheads, head_row0, out);
+        return;
     }
     if (nsplit_b == 1) return;
 
@@ -1030,10 +1095,14 @@ __device__ __forceinline__ void decode_kv4m(
     };
 #endif
 
+    constexpr int OS = KV4M_LEAN_MERGE ? D + 8 : D;  // the epilogue's row stride (see below)
     const int nsplit_b = max(1, (len + chunk - 1) / chunk);
     if (split >= nsplit_b) {  // this partition lies past the sequence's end
         cp_async_wait<0>();
         bulk_drain();
+        if (cluster_ctas() > 1)  // the cluster's merge still waits for this rank
+            cluster_empty_partial<D, NW, OS>(reinterpret_cast<float*>(rings), nheads,
+                                             (long long)b * q_heads + head0, out);
         return;
     }
     const int end = min(start + chunk, len);
@@ -1313,7 +1382,6 @@ __device__ __forceinline__ void decode_kv4m(
     TRACE_MARK(2);
     // [NW][8][OS], then s_m, s_l [NW][8]. LEAN: each head's d, d + 1 as one float pair, rows
     // padded to D + 8 floats (2-way bank conflicts instead of 4), only the CTA's real heads.
-    constexpr int OS = KV4M_LEAN_MERGE ? D + 8 : D;
     float* s_o = reinterpret_cast<float*>(rings);
     {
         float* mine_o = s_o + warp * HEADS_PER_CTA * OS;

@@ -2,6 +2,7 @@
 reference on fresh random inputs with ragged lengths (GPU tests skip without CuPy and a GPU),
 plus the host-side checks, the paged layout's conversions and the reference itself (CPU)."""
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -86,6 +87,22 @@ def test_split_plan_charges_the_one_wave_tail_and_each_wave_start():
     assert kk.plan_splits(8192, 2048, 136, [kv4, v3]) == kk.SplitPlan(1, 2048, "kv4v3")
     v3_without_tail = kk.KernelShape("kv4v3", 528, 3.01e12, 16.9e9, 4.8e-6)
     assert kk.plan_splits(512, 2048, 136, [v3_without_tail, kv4]).kernel == "kv4v3"
+
+
+def test_split_plan_keeps_a_cluster_build_within_its_merge():
+    """A cluster build merges at most MAX_CLUSTER partitions, even where more would model
+    faster; it is planned where partitioning pays."""
+    plain = kk.KernelShape("kv4pw8", 264, 2.97e12, 20e9, 4.0e-6, 0.126, 1.1e-6)
+    cl = replace(plain, name="kv4pw8_cl", cluster=True)
+    assert kk.plan_splits(8, 100_000, 136, [plain]).splits > kk.MAX_CLUSTER
+    for ctas, max_len in [(8, 8192), (8, 100_000), (128, 2048), (1, 64)]:
+        plan = kk.plan_splits(ctas, max_len, 136, [cl])
+        assert 1 <= plan.splits <= kk.MAX_CLUSTER
+        assert plan.splits * plan.chunk >= max_len
+    # a full GPU: one partition, the plain build
+    assert kk.plan_splits(8192, 8192, 136, [plain, cl]) == kk.SplitPlan(1, 8192, "kv4pw8")
+    # one sequence's 8 KV heads: partitions, merged in a cluster (no global round trip)
+    assert kk.plan_splits(8, 8192, 136, [plain, cl]).kernel == "kv4pw8_cl"
 
 
 def test_memory_per_token_under_0_3_of_fp16():
@@ -326,7 +343,8 @@ def _attend(cache, q, plan, out):
 @pytest.mark.parametrize("chunk, build", [(None, ""), (64, "kv4p"), (1024, "kv4p"),
                                           (256, "kv4pw8"), (1024, "kv4pw8"), (64, "kv4p_pdl"),
                                           (1024, "kv4p_pdl"), (256, "kv4pw8_pdl"),
-                                          (1024, "kv4pw8_pdl"), (64, "kv4"),
+                                          (1024, "kv4pw8_pdl"), (512, "kv4p_cl"),
+                                          (256, "kv4pw8_cl"), (128, "kv4pw8_cl"), (64, "kv4"),
                                           (1024, "kv4w8"), (128, "kv4s6"), (256, "kv4v3")])
 def test_decode_kv4_matches_reference(head_dim, kv_heads, group, chunk, build):
     """Planned, many partitions, one partition, for each paged build and each build of the
@@ -349,7 +367,8 @@ def test_decode_kv4_matches_reference(head_dim, kv_heads, group, chunk, build):
 
 
 @gpu
-@pytest.mark.parametrize("build", ["kv4p", "kv4pw8", "kv4p_pdl", "kv4pw8_pdl", "kv4", "kv4w8"])
+@pytest.mark.parametrize("build", ["kv4p", "kv4pw8", "kv4p_pdl", "kv4pw8_pdl", "kv4p_cl",
+                                   "kv4pw8_cl", "kv4", "kv4w8"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_decode_ignores_what_lies_past_the_length(build, head_dim):
     """The first tiles are read before the kernel knows the length: slots past it (random codes,
@@ -404,6 +423,38 @@ def test_early_start_decode_in_a_graph_reads_what_its_producer_wrote(build, chun
         assert torch.isfinite(first).all() and torch.isfinite(second).all()
         assert _rel(first, kk.reference_decode_attention(q, k, v, lengths)) < 2e-3
         assert _rel(second, kk.reference_decode_attention(first, k, v, lengths)) < 2e-3
+
+
+@gpu
+@pytest.mark.parametrize("build", ["kv4p_cl", "kv4pw8_cl"])
+def test_cluster_decode_in_a_graph_merges_each_replay(build):
+    """Clusters of 2..8 partitions, captured in a CUDA graph and replayed on fresh queries with
+    the output poisoned first: each replay is the reference (ranks past a short sequence's end
+    included), and a cluster build refuses more partitions than a cluster holds."""
+    gen = torch.Generator().manual_seed(8)
+    lengths, group, D = [40, 1500, 64, 2048, 700], 4, 128
+    cache, k, v = _filled_cache(len(lengths), 2, D, lengths, gen)
+    for splits in (2, 3, 8):
+        chunk = -(-2048 // splits // kk.CHUNK_ALIGN) * kk.CHUNK_ALIGN
+        plan = kk.SplitPlan(-(-2048 // chunk), chunk, build)
+        q_src = torch.zeros(len(lengths), 2 * group, D, dtype=torch.float16, device="cuda")
+        out = torch.zeros_like(q_src)
+        cache.attend(q_src, plan=plan, out=out)  # compile and load outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            cache.attend(q_src, plan=plan, out=out)
+        for _ in range(2):
+            q = _rand(tuple(q_src.shape), 2.0, gen)
+            q_src.copy_(q)
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            got = out.cpu()
+            assert torch.isfinite(got).all(), splits
+            assert _rel(got, kk.reference_decode_attention(q, k, v, lengths)) < 2e-3, splits
+    with pytest.raises(ValueError, match="cluster build"):
+        cache.attend(q_src, plan=kk.SplitPlan(16, 128, build))
 
 
 @gpu
