@@ -84,10 +84,10 @@ class DecodeBuild:
 BUILDS = {
     # the round-3 body on the paged cache, a block a tile by one bulk copy (round 5). Rates refit
     # to round 5's sweep (attention_bench.csv): sustained ~2.95 TB/s; a lone CTA an SM reads 17
-    # (4 warps) / 20 (8 warps) GB/s; planned within 2% of the sweep's best on every row with
-    # batch >= 16
+    # (4 warps) / 25 (8 warps; 20 until round 8, which the batch-1 sweeps showed too low) GB/s;
+    # planned within 2.5% of the sweep's best on every row with batch >= 16
     "kv4p": DecodeBuild(4, 4, "kv4m", 2.95e12, 17e9, 3.8e-6, 0.126, 0.7e-6),
-    "kv4pw8": DecodeBuild(8, 4, "kv4m", 2.97e12, 20e9, 4.0e-6, 0.126, 1.1e-6),
+    "kv4pw8": DecodeBuild(8, 4, "kv4m", 2.97e12, 25e9, 4.0e-6, 0.126, 1.1e-6),
     # The contiguous layout of rounds 1-3 (decode_attention_kv4), the measured comparison.
     # round 3 body (software-pipelined, L2 128-byte prefetch hint): 4 CTAs an SM
     "kv4": DecodeBuild(4, 4, "kv4m", 2.65e12, 23.5e9, 3.6e-6, 0.126, 0.7e-6),
@@ -182,13 +182,15 @@ def plan_splits(ctas: int, max_len: int, token_bytes: int, kernels, max_splits: 
     where ctas = batch * kv_heads * head_blocks, token_bytes = bytes of one token of one KV head,
     and a partially filled last wave of CTAs costs a whole wave. The merge is a cluster's
     (MERGE_CLUSTER_S) for cluster builds, which take at most MAX_CLUSTER partitions (one: a plain
-    launch of the same kernel).
+    launch of the same kernel). Partition counts are powers of two: the model has no term for
+    the SMs that hold two CTAs of a one-wave grid, and counts between (S = 5: 160 CTAs on 132
+    SMs) measured slower than both neighbours (round 8, attention_notes.md).
     """
     max_len = max(int(max_len), 1)
     best, best_t = None, math.inf
     for shape in kernels:
         limit = min(max_splits, MAX_CLUSTER if shape.cluster else max_splits)
-        for s in range(1, limit + 1):
+        for s in (1 << i for i in range(limit.bit_length()) if 1 << i <= limit):
             chunk = _align(-(-max_len // s), CHUNK_ALIGN)
             splits = -(-max_len // chunk)
             if splits != s:

@@ -1,8 +1,10 @@
 """4-bit KV cache kernels: append == encode_kv bit for bit, decode attention == the float64
 reference on fresh random inputs with ragged lengths (GPU tests skip without CuPy and a GPU),
 plus the host-side checks, the paged layout's conversions and the reference itself (CPU)."""
+import csv
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,8 +71,8 @@ def test_split_plan_picks_the_faster_build():
     sustained = kk.KernelShape("kv4v3", slots=132 * 4, hbm_bytes_per_s=2.8e12,
                                cta_bytes_per_s=16e9, fixed_s=5.2e-6)
     shapes = [H100_KV4, few_slots, sustained]
-    # a lone sequence: the build whose lone CTAs stream fastest
-    assert kk.plan_splits(8, 8192, 136, shapes).kernel == "kv4w8"
+    # a lone sequence (4 KV heads): the build whose lone CTAs stream fastest
+    assert kk.plan_splits(4, 8192, 136, shapes).kernel == "kv4w8"
     # a full batch, many waves: the build with the higher sustained rate
     assert kk.plan_splits(8192, 8192, 136, shapes).kernel == "kv4v3"
     # equal builds tie: the first listed wins
@@ -87,6 +89,34 @@ def test_split_plan_charges_the_one_wave_tail_and_each_wave_start():
     assert kk.plan_splits(8192, 2048, 136, [kv4, v3]) == kk.SplitPlan(1, 2048, "kv4v3")
     v3_without_tail = kk.KernelShape("kv4v3", 528, 3.01e12, 16.9e9, 4.8e-6)
     assert kk.plan_splits(512, 2048, 136, [v3_without_tail, kv4]).kernel == "kv4v3"
+
+
+H100_SWEEP = Path(__file__).resolve().parent.parent / "experiments/results/attention_bench.csv"
+
+
+def test_split_plan_against_the_h100_sweep():
+    """The planner's constants against the committed H100 run: each row's plan, looked up in that
+    row's sweep of both paged builds over S = 1, 2, 4, 8, 16, is within 3% of the sweep's best at
+    batch >= 16 and within 12% at batch 1 (one sequence: 8 or 32 CTAs, partitions matter most)."""
+    shapes = [kk.KernelShape(name, 132 * per_sm, b.hbm_bytes_per_s, b.cta_bytes_per_s, b.fixed_s,
+                             b.wave_tail, b.wave_start_s)
+              for name, per_sm in (("kv4p", 4), ("kv4pw8", 2))  # resident CTAs an SM (the run)
+              for b in [kk.BUILDS[name]]]
+    rows = list(csv.DictReader(H100_SWEEP.open()))
+    assert len(rows) == 24
+    for r in rows:
+        sweep = {}
+        for point in r["sweep"].split():
+            key, us = point.split(":")
+            build, splits = key.split("/")
+            sweep[(build, int(splits))] = float(us)
+        ctas = int(r["batch"]) * int(r["kv_heads"]) * -(-int(r["q_heads"]) // int(r["kv_heads"])
+                                                       // kk.HEADS_PER_CTA)
+        plan = kk.plan_splits(ctas, int(r["context"]), int(r["head_dim"]) + 8, shapes)
+        best = min(t for (b, _), t in sweep.items() if b in ("kv4p", "kv4pw8"))
+        ratio = sweep[(plan.kernel, plan.splits)] / best
+        assert ratio <= (1.03 if int(r["batch"]) >= 16 else 1.12), (r["config"], r["batch"],
+                                                                    r["context"], plan, ratio)
 
 
 def test_split_plan_keeps_a_cluster_build_within_its_merge():
