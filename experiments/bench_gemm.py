@@ -234,6 +234,15 @@ def copies(nbytes: float) -> int:
     return int(min(max(math.ceil(ROTATE_BYTES / max(nbytes, 1)), 1), 64))
 
 
+def same_bytes_copy_us(nbytes: int) -> float:
+    """One device-to-device copy moving nbytes (half read, half written), graph-timed on rotating
+    buffers like the quantize kernels: what a single memory-bound kernel of that size reaches."""
+    half = max(nbytes // 2 // 16, 1) * 16
+    pairs = [(torch.empty(half, dtype=torch.uint8, device="cuda"),
+              torch.empty(half, dtype=torch.uint8, device="cuda")) for _ in range(copies(2 * half))]
+    return timed_graph([lambda s=s_, d=d_: d.copy_(s) for s_, d_ in pairs])
+
+
 def hbm_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second (GB/s)."""
     src = torch.empty(2**29, dtype=torch.int32, device="cuda").random_()
@@ -390,10 +399,12 @@ def bench_shape(k_total: int, n: int, ceil: dict, rows: list, variant_rows: list
         gemm_bytes = a_bytes + w_bytes + 2 * m * n
         floor_us = max(ops / (ceil["int8_peak_tops"] * 1e6), gemm_bytes / (ceil["hbm_gbps"] * 1e3))
         quant_bytes = 2 * m * k_total + a_bytes + 4 * k_total
+        t_copy = same_bytes_copy_us(quant_bytes)
         row = {
             "K": k_total, "N": n, "M": m, "variant": auto,
             "timing": "graph" if timer is timed_graph else "events",
             "quant_us": t_quant, "quant_hbm_pct": 100 * quant_bytes / (t_quant * 1e3) / ceil["hbm_gbps"],
+            "copy_us": t_copy, "copy_hbm_pct": 100 * quant_bytes / (t_copy * 1e3) / ceil["hbm_gbps"],
             "gemm_us": t_gemm, "gemm_tops": ops / t_gemm / 1e6,
             "both_us": t_both, "cublas_fp16_us": t_f16, "int_mm_us": t_int, "w8a8_us": t_w8a8,
             "floor_us": floor_us, "floor_bound": "compute" if ops / (ceil["int8_peak_tops"] * 1e6)
@@ -412,7 +423,8 @@ def bench_shape(k_total: int, n: int, ceil: dict, rows: list, variant_rows: list
             variant_rows.append({"K": k_total, "N": n, "M": m, "variant": f"quant_{v}", "us": t,
                                  "tops": 100 * quant_bytes / (t * 1e3) / ceil["hbm_gbps"],
                                  "chosen": int(v == ko.choose_quant_variant(m, k_total)), "timing": "graph"})
-        log(f"K={k_total:5d} N={n:5d} M={m:4d} quant {t_quant:7.1f}us ({row['quant_hbm_pct']:4.0f}% hbm)"
+        log(f"K={k_total:5d} N={n:5d} M={m:4d} quant {t_quant:7.1f}us ({row['quant_hbm_pct']:4.0f}% hbm;"
+            f" same-bytes copy {t_copy:.1f}us, {row['copy_hbm_pct']:.0f}%)"
             f" gemm[{auto}] {t_gemm:7.1f}us ({row['gemm_tops']:6.0f} TOPS) both {t_both:7.1f}"
             f" | fp16 {t_f16:7.1f} int_mm {t_int:7.1f} w8a8 {t_w8a8:7.1f} floor {floor_us:6.1f}"
             f" | variants " + " ".join(f"{v}={t:.1f}" for v, t in t_var.items())
@@ -652,6 +664,7 @@ def sass_mix(out: Path, slug: str) -> None:
 COLUMNS = [
     ("K", "K", "{}"), ("N", "N", "{}"), ("M", "M", "{}"),
     ("quant_us", "quant us", "{:.1f}"), ("quant_hbm_pct", "quant % HBM", "{:.0f}"),
+    ("copy_us", "same-bytes copy us", "{:.1f}"), ("copy_hbm_pct", "copy % HBM", "{:.0f}"),
     ("gemm_us", "GEMM us", "{:.1f}"), ("variant", "kernel", "{}"), ("gemm_tops", "GEMM TOPS", "{:.0f}"),
     ("both_us", "quant+GEMM us", "{:.1f}"), ("cublas_fp16_us", "cuBLAS FP16 us", "{:.1f}"),
     ("w8a8_us", "W8A8 us", "{:.1f}"), ("int_mm_us", "_int_mm us", "{:.1f}"),
@@ -692,7 +705,9 @@ def write_outputs(out: Path, slug: str, device: str, ceil: dict, rows: list, var
           f"GEMM {'PASS' if correct['gemm'] else 'FAIL'} (see the log).", "",
           "W8A8 = torch._int_mm + per-token x per-channel scale epilogue in torch (unfused); "
           "_int_mm = the INT8 GEMM alone (int32 out). Floor = max(2MNK / INT8 peak, bytes of "
-          "packed A + packed W + FP16 Y / HBM bandwidth). Ratios > 1: ours faster.", "",
+          "packed A + packed W + FP16 Y / HBM bandwidth). Ratios > 1: ours faster. Same-bytes "
+          "copy: one device-to-device copy moving the quantize kernel's bytes (FP16 in, packed "
+          "out), timed the same way: the ceiling of a single memory-bound kernel of that size.", "",
           "| " + " | ".join(c[1] for c in COLUMNS) + " |",
           "|" + "---|" * len(COLUMNS)]
     for r in rows:
