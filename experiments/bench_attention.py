@@ -122,6 +122,19 @@ ABLATIONS = [
        None) for b in ("kv4p", "kv4pw8")],
     *[(f"diag: {b} math only (first tiles copied, then recomputed)", "paged", b,
        ("-DKV4M_MATH_ONLY=1",) + PAGED_ONLY, "diag", (1,)) for b in ("kv4p", "kv4pw8")],
+    *[(f"diag: kv4pw8 copies only, {what}", "paged", "kv4pw8",
+       ("-DKV4M_LOAD_ONLY=1",) + flags + PAGED_ONLY, "diag", (1,)) for what, flags in (
+        ("then only the output stores (no merge)", ("-DKV4M_DIAG_STORE_ONLY=1",)),
+        ("the merge without the output stores", ("-DKV4M_DIAG_NO_STORE=1",)))],
+    *[(f"diag: kv4pw8 math only, {what}", "paged", "kv4pw8",
+       ("-DKV4M_MATH_ONLY=1",) + flags + PAGED_ONLY, "diag", (1,)) for what, flags in (
+        ("without the epilogue", ("-DKV4M_DIAG_NO_EPILOGUE=1",)),
+        ("the merge without the output stores", ("-DKV4M_DIAG_NO_STORE=1",)))],
+    *[(f"diag: two partitions, {b}, {what}", "paged", b, flags + PAGED_ONLY, "diag", (2,))
+      for b in ("kv4pw8", "kv4pw8_cl") for what, flags in (
+          ("math only", ("-DKV4M_MATH_ONLY=1",)), ("copies only", ("-DKV4M_LOAD_ONLY=1",)),
+          ("copies only, without the epilogue",
+           ("-DKV4M_LOAD_ONLY=1", "-DKV4M_DIAG_NO_EPILOGUE=1")))],
     ("diag: contiguous kv4 copies only", "old", "kv4", ("-DKV4M_LOAD_ONLY=1",) + SUBSET, "diag",
      (1,)),
     ("diag: plain 16-byte reads of the pool (kernels/read_probe.cu)", "read", "", (), "diag", (1,)),

@@ -277,6 +277,9 @@ __device__ __forceinline__ void cluster_empty_partial(float* s_o, int nheads, lo
     cluster_merge_store<D, NW>(s_part, nheads, head_row0, out);
 }
 
+#ifndef KV4M_DIAG_NO_STORE
+#define KV4M_DIAG_NO_STORE 0  // diagnostic: the whole epilogue but the one-partition output stores
+#endif
 template <int D, int NW, int OS = D, bool LEAN = false>
 __device__ __forceinline__ void merge_and_store(float* s_o, int nheads, int nsplit_b,
                                                 int splits, long long head_row0, int ticket,
@@ -329,7 +332,8 @@ __device__ __forceinline__ void merge_and_store(float* s_o, int nheads, int nspl
             s_part[i] = sum > 0.f ? acc / sum : 0.f;
             if (d == 0) s_part[HEADS_PER_CTA * D + h] = sum > 0.f ? mx + fast_log2(sum) : NEG_BIG;
         } else if (nsplit_b == 1) {
-            out[(head_row0 + h) * D + d] = float_to_half(sum > 0.f ? acc / sum : 0.f);
+            if (!KV4M_DIAG_NO_STORE || acc == 1234.5f)  // (diag: a store never taken)
+                out[(head_row0 + h) * D + d] = float_to_half(sum > 0.f ? acc / sum : 0.f);
         } else {
             const long long pr = (head_row0 + h) * splits + split;
             part_o[pr * D + d] = acc / sum;
@@ -803,6 +807,9 @@ __device__ __forceinline__ void decode_attention(
 #endif
 #ifndef KV4M_DIAG_NO_EPILOGUE
 #define KV4M_DIAG_NO_EPILOGUE 0 // diagnostic (paged builds): return once the copies are drained
+#endif
+#ifndef KV4M_DIAG_STORE_ONLY
+#define KV4M_DIAG_STORE_ONLY 0  // diagnostic (paged builds): once drained, store zeros and return
 #endif
 #ifndef KV4M_EMPTY
 #define KV4M_EMPTY 0     // diagnostic: return at entry (the cost of launching the grid)
@@ -1370,6 +1377,11 @@ __device__ __forceinline__ void decode_kv4m(
     bulk_drain();
     if (PAGED && KV4M_DIAG_NO_EPILOGUE) {
         if (KV4M_LOAD_ONLY && l0 == 1.f) out[0] = 0;  // keeps the copies-only reads of the stages
+        return;
+    }
+    if (PAGED && KV4M_DIAG_STORE_ONLY) {  // the output's stores without the warps' merge
+        for (int i = tid; i < nheads * D; i += NW * 32)
+            out[((long long)b * q_heads + head0) * D + i] = 0;
         return;
     }
 
