@@ -51,7 +51,8 @@
 // graph replays work) merges them, so no second kernel is launched. Launched in clusters of
 // `splits` CTAs (builds "kv4p_cl", "kv4pw8_cl", the same kernels; round 8), the partitions of a
 // (sequence, head block) are one cluster instead: the partials stay in shared memory and the
-// cluster's CTAs merge them through distributed shared memory (no global round trip, no ticket). Shared fp16 helpers: fp16_bits.cuh.
+// cluster's CTAs merge them through distributed shared memory (no global round trip, no ticket).
+// Shared fp16 helpers: fp16_bits.cuh.
 
 #define WARPS 4            // warps of a round-1 CTA
 #define TILE 16
@@ -221,10 +222,6 @@ __device__ __forceinline__ float load_cg(const float* p) {
 // stores the output (one partition) or a normalized partial and its log-sum-exp, and then the
 // last CTA of the (sequence, head block) to finish merges the partials.
 
-// OS: the row stride of s_o (D, or D + 8 where the warps store float pairs: fewer bank conflicts).
-// LEAN: each head's warp weights 2^(m_w - max) and sum computed once (into s_m and a [2][8] table
-// past s_l) instead of once an output element: the same values in the same order (measured on
-// the H100: bit-identical outputs, attention_epilogue_bits_round7.txt).
 // Cluster split-K: a CTA's normalized partial [8][D] and its log-sum-exps [8], in the split-K
 // weights' space past the epilogue's tables (unused when the merge is a cluster's).
 template <int NW, int OS>
@@ -280,6 +277,10 @@ __device__ __forceinline__ void cluster_empty_partial(float* s_o, int nheads, lo
 #ifndef KV4M_DIAG_NO_STORE
 #define KV4M_DIAG_NO_STORE 0  // diagnostic: the whole epilogue but the one-partition output stores
 #endif
+// OS: the row stride of s_o (D, or D + 8 where the warps store float pairs: fewer bank conflicts).
+// LEAN: each head's warp weights 2^(m_w - max) and sum computed once (into s_m and a [2][8] table
+// past s_l) instead of once an output element: the same values in the same order (measured on
+// the H100: bit-identical outputs, attention_epilogue_bits_round7.txt).
 template <int D, int NW, int OS = D, bool LEAN = false>
 __device__ __forceinline__ void merge_and_store(float* s_o, int nheads, int nsplit_b,
                                                 int splits, long long head_row0, int ticket,
