@@ -243,6 +243,15 @@ def same_bytes_copy_us(nbytes: int) -> float:
     return timed_graph([lambda s=s_, d=d_: d.copy_(s) for s_, d_ in pairs])
 
 
+def same_traffic_gather_us(m: int, k: int) -> float:
+    """A torch copy that reads all of an fp16 [m, k] (every 32-byte sector: it takes every 4th
+    element) and writes a quarter of it: the quantize kernel's traffic shape (all of x read, about
+    a quarter of its bytes written), graph-timed on rotating inputs like the quantize kernels."""
+    xs = [torch.randn(m, k, device="cuda").half() for _ in range(min(copies(m * k * 2), 8))]
+    ys = [torch.empty(m, k // 4, device="cuda", dtype=torch.float16) for _ in xs]
+    return timed_graph([lambda x=x, y=y: y.copy_(x[:, ::4]) for x, y in zip(xs, ys)])
+
+
 def hbm_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second (GB/s)."""
     src = torch.empty(2**29, dtype=torch.int32, device="cuda").random_()
@@ -400,11 +409,15 @@ def bench_shape(k_total: int, n: int, ceil: dict, rows: list, variant_rows: list
         floor_us = max(ops / (ceil["int8_peak_tops"] * 1e6), gemm_bytes / (ceil["hbm_gbps"] * 1e3))
         quant_bytes = 2 * m * k_total + a_bytes + 4 * k_total
         t_copy = same_bytes_copy_us(quant_bytes)
+        t_gather = same_traffic_gather_us(m, k_total)
+        gather_bytes = 2 * m * k_total + m * k_total // 2
         row = {
             "K": k_total, "N": n, "M": m, "variant": auto,
             "timing": "graph" if timer is timed_graph else "events",
             "quant_us": t_quant, "quant_hbm_pct": 100 * quant_bytes / (t_quant * 1e3) / ceil["hbm_gbps"],
             "copy_us": t_copy, "copy_hbm_pct": 100 * quant_bytes / (t_copy * 1e3) / ceil["hbm_gbps"],
+            "gather_us": t_gather,
+            "gather_hbm_pct": 100 * gather_bytes / (t_gather * 1e3) / ceil["hbm_gbps"],
             "gemm_us": t_gemm, "gemm_tops": ops / t_gemm / 1e6,
             "both_us": t_both, "cublas_fp16_us": t_f16, "int_mm_us": t_int, "w8a8_us": t_w8a8,
             "floor_us": floor_us, "floor_bound": "compute" if ops / (ceil["int8_peak_tops"] * 1e6)
@@ -424,7 +437,8 @@ def bench_shape(k_total: int, n: int, ceil: dict, rows: list, variant_rows: list
                                  "tops": 100 * quant_bytes / (t * 1e3) / ceil["hbm_gbps"],
                                  "chosen": int(v == ko.choose_quant_variant(m, k_total)), "timing": "graph"})
         log(f"K={k_total:5d} N={n:5d} M={m:4d} quant {t_quant:7.1f}us ({row['quant_hbm_pct']:4.0f}% hbm;"
-            f" same-bytes copy {t_copy:.1f}us, {row['copy_hbm_pct']:.0f}%)"
+            f" same-bytes copy {t_copy:.1f}us, {row['copy_hbm_pct']:.0f}%;"
+            f" read-all write-a-quarter {t_gather:.1f}us, {row['gather_hbm_pct']:.0f}%)"
             f" gemm[{auto}] {t_gemm:7.1f}us ({row['gemm_tops']:6.0f} TOPS) both {t_both:7.1f}"
             f" | fp16 {t_f16:7.1f} int_mm {t_int:7.1f} w8a8 {t_w8a8:7.1f} floor {floor_us:6.1f}"
             f" | variants " + " ".join(f"{v}={t:.1f}" for v, t in t_var.items())
@@ -665,6 +679,7 @@ COLUMNS = [
     ("K", "K", "{}"), ("N", "N", "{}"), ("M", "M", "{}"),
     ("quant_us", "quant us", "{:.1f}"), ("quant_hbm_pct", "quant % HBM", "{:.0f}"),
     ("copy_us", "same-bytes copy us", "{:.1f}"), ("copy_hbm_pct", "copy % HBM", "{:.0f}"),
+    ("gather_us", "read-all write-1/4 us", "{:.1f}"), ("gather_hbm_pct", "its % HBM", "{:.0f}"),
     ("gemm_us", "GEMM us", "{:.1f}"), ("variant", "kernel", "{}"), ("gemm_tops", "GEMM TOPS", "{:.0f}"),
     ("both_us", "quant+GEMM us", "{:.1f}"), ("cublas_fp16_us", "cuBLAS FP16 us", "{:.1f}"),
     ("w8a8_us", "W8A8 us", "{:.1f}"), ("int_mm_us", "_int_mm us", "{:.1f}"),
@@ -707,7 +722,10 @@ def write_outputs(out: Path, slug: str, device: str, ceil: dict, rows: list, var
           "_int_mm = the INT8 GEMM alone (int32 out). Floor = max(2MNK / INT8 peak, bytes of "
           "packed A + packed W + FP16 Y / HBM bandwidth). Ratios > 1: ours faster. Same-bytes "
           "copy: one device-to-device copy moving the quantize kernel's bytes (FP16 in, packed "
-          "out), timed the same way: the ceiling of a single memory-bound kernel of that size.", "",
+          "out), timed the same way: the ceiling of a single memory-bound kernel of that size. "
+          "Read-all write-1/4: a torch copy of every 4th element of the FP16 input (it reads "
+          "every sector of it and writes a quarter of its bytes), the quantize kernel's "
+          "traffic shape.", "",
           "| " + " | ".join(c[1] for c in COLUMNS) + " |",
           "|" + "---|" * len(COLUMNS)]
     for r in rows:
