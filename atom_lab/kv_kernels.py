@@ -245,9 +245,9 @@ def _stage_bytes(build: str, head_dim: int) -> int:
     return 2 * TILE * (2 * head_dim + 16)
 
 
-# builds whose ring depth is the source's KV4M_NST (a -DKV4M_NST=N compile option changes it)
-_NST_BUILDS = ("kv4p", "kv4pw8", "kv4p_pdl", "kv4pw8_pdl", "kv4p_cl", "kv4pw8_cl", "kv4",
-               "kv4w8")
+# builds whose ring depth is the source's KV4M_NST (a -DKV4M_NST=N compile option changes it):
+# these four and their early-start and cluster twins
+_NST_BUILDS = tuple(n for n in BUILDS if n.split("_")[0] in ("kv4p", "kv4pw8", "kv4", "kv4w8"))
 
 
 def _ring_stages(build: str, options: tuple[str, ...] = ()) -> int:

@@ -243,12 +243,11 @@ def same_bytes_copy_us(nbytes: int) -> float:
     return timed_graph([lambda s=s_, d=d_: d.copy_(s) for s_, d_ in pairs])
 
 
-def same_traffic_gather_us(m: int, k: int) -> float:
-    """A torch copy that reads all of an fp16 [m, k] (every 32-byte sector: it takes every 4th
-    element) and writes a quarter of it: the quantize kernel's traffic shape (all of x read, about
-    a quarter of its bytes written), graph-timed on rotating inputs like the quantize kernels."""
-    xs = [torch.randn(m, k, device="cuda").half() for _ in range(min(copies(m * k * 2), 8))]
-    ys = [torch.empty(m, k // 4, device="cuda", dtype=torch.float16) for _ in xs]
+def same_traffic_gather_us(xs: list[torch.Tensor]) -> float:
+    """A torch copy that reads all of each fp16 [m, k] in xs (every 32-byte sector: it takes every
+    4th element) and writes a quarter of it: the quantize kernel's traffic shape (all of x read,
+    about a quarter of its bytes written), graph-timed on the quantize kernels' rotating inputs."""
+    ys = [torch.empty(x.shape[0], x.shape[1] // 4, device="cuda", dtype=torch.float16) for x in xs]
     return timed_graph([lambda x=x, y=y: y.copy_(x[:, ::4]) for x, y in zip(xs, ys)])
 
 
@@ -409,7 +408,7 @@ def bench_shape(k_total: int, n: int, ceil: dict, rows: list, variant_rows: list
         floor_us = max(ops / (ceil["int8_peak_tops"] * 1e6), gemm_bytes / (ceil["hbm_gbps"] * 1e3))
         quant_bytes = 2 * m * k_total + a_bytes + 4 * k_total
         t_copy = same_bytes_copy_us(quant_bytes)
-        t_gather = same_traffic_gather_us(m, k_total)
+        t_gather = same_traffic_gather_us(xs)
         gather_bytes = 2 * m * k_total + m * k_total // 2
         row = {
             "K": k_total, "N": n, "M": m, "variant": auto,

@@ -1,5 +1,5 @@
 // Programmatic dependent launch (sm_90), shared by the quantize, small-M GEMM and decode kernels.
-// A kernel launched with programmatic stream serialization (atom_lab.kernel_ops.launch_pdl) may
+// A kernel launched with programmatic stream serialization (atom_lab.cuda.launch_pdl) may
 // start while the kernel before it in the stream still runs: it must call pdl_wait() before
 // touching anything that kernel writes. pdl_launch_dependents() lets such a next kernel start
 // before this one ends. In a plain launch, with no dependent, and before sm_90 (no such launch),
