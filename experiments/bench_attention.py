@@ -126,6 +126,10 @@ ABLATIONS = [
        ("-DKV4M_LOAD_ONLY=1",) + flags + PAGED_ONLY, "diag", (1,)) for what, flags in (
         ("then only the output stores (no merge)", ("-DKV4M_DIAG_STORE_ONLY=1",)),
         ("the merge without the output stores", ("-DKV4M_DIAG_NO_STORE=1",)))],
+    *[(f"diag: kv4pw8{what}, the epilogue run twice (the second time on warm code)", "paged",
+       "kv4pw8", flags + ("-DKV4M_DIAG_EPI_REPS=2",) + PAGED_ONLY, check, (1,))
+      for what, flags, check in (("", (), "ragged"), (" copies only", ("-DKV4M_LOAD_ONLY=1",),
+                                                           "diag"))],
     # (math only without the epilogue is no such thing: nothing stored, the math is dropped)
     ("diag: kv4pw8 math only, the merge without the output stores", "paged", "kv4pw8",
      ("-DKV4M_MATH_ONLY=1", "-DKV4M_DIAG_NO_STORE=1") + PAGED_ONLY, "diag", (1,)),
