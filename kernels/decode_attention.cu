@@ -1402,7 +1402,6 @@ __device__ __forceinline__ void decode_kv4m(
 #pragma unroll 1
     for (int rep = 0; rep < KV4M_DIAG_EPI_REPS; ++rep) {  // (diagnostic; 1 by default)
         if (rep) __syncthreads();
-    {
         float* mine_o = s_o + warp * HEADS_PER_CTA * OS;
         // m-tile 2 c + h: rows gid hold d = 32 c + 4 gid + 2 h, rows gid + 8 hold d + 1 (x16).
 #pragma unroll
@@ -1430,10 +1429,9 @@ __device__ __forceinline__ void decode_kv4m(
             s_l[warp * HEADS_PER_CTA + 2 * tig] = l0;
             s_l[warp * HEADS_PER_CTA + 2 * tig + 1] = l1;
         }
-    }
-    merge_and_store<D, NW, OS, KV4M_LEAN_MERGE>(
-        s_o, nheads, nsplit_b, splits, (long long)b * q_heads + head0,
-        b * kv_heads * head_blocks + blockIdx.y, out, part_o, part_lse, tickets);
+        merge_and_store<D, NW, OS, KV4M_LEAN_MERGE>(
+            s_o, nheads, nsplit_b, splits, (long long)b * q_heads + head0,
+            b * kv_heads * head_blocks + blockIdx.y, out, part_o, part_lse, tickets);
     }
 }
 
