@@ -112,19 +112,27 @@ WG_MIN_M = 128  # wgmma from here up: 1.2-1.4x tc_m64 at M = 256 (gemm_h100.md);
 # "wide" (round 3) = the ring's persistent blocks with 16 columns a lane (a group's per-group work
 # shared by 4-8 groups a warp instruction), gather offsets staged once a block, half2 max/clamp.
 # "wide4": the same with 3 rows a block in flight instead of 1.
+# "pipe" (round 10, plain quantize, sm_90): the wide kernel's warp tasks fed by a producer warp's
+# bulk row copies through a ring of staged rows (full / empty barriers, no block barrier), one block
+# a SM, one warp a task of the row (replicated over rows up to 31 warps).
 QUANT_VARIANTS = {"row": None, "ring": 8, "ring_b4": 4, "ring_b2": 2, "ring_b1": 1, "wide": 8,
-                  "wide4": 8}
+                  "wide4": 8, "pipe": 1}
 WIDE_COLS = 512  # columns of one warp task in the wide kernel (32 lanes x 16)
 WIDE_BUFFERS = {"wide": 2, "wide4": 4}  # staged rows a block (as NBUF in the .cu file)
-QUANT_RING_MAX_ROWS = 256  # "auto": ring up to here (10% faster), row or wide above
+PIPE_MAX_BUFFERS, PIPE_MAX_WARPS = 16, 27  # as in the .cu file
+PIPE_BUFFERS = 8  # about this many staged rows a block (round 10: 8 beat 26 at K = 4096)
+QUANT_RING_MAX_ROWS = 256  # "auto": ring up to here (10% faster), pipe (plain) or row / wide above
 QUANT_WIDE_MIN_K = 8192  # above 256 rows, wide from this K (3-4% faster at K = 11008), else row
 
 
-def choose_quant_variant(m: int, k_total: int | None = None) -> str:
+def choose_quant_variant(m: int, k_total: int | None = None, plain: bool = True) -> str:
     """The quantize kernel for M rows of K columns (same-run graph timings, round 3:
-    experiments/results/gemm_h100_round3_small.csv); without K, as for K = 4096."""
+    experiments/results/gemm_h100_round3_small.csv; "pipe" from round 10, gemm_h100_notes.md);
+    without K, as for K = 4096. plain: no fused producer (RMSNorm, SiLU * up)."""
     if m <= QUANT_RING_MAX_ROWS:
         return "ring"
+    if plain:
+        return "pipe"
     return "wide" if k_total is not None and k_total >= QUANT_WIDE_MIN_K else "row"
 SMEM_PER_SM = 227 * 1024
 REGS_PER_SM = 65536
@@ -340,9 +348,15 @@ def _mixed_out(out: MixedQuantized | None, m: int, kn: int, k: int, group_size: 
 
 
 def _quantize(kind: str, x, up, norm_weight, eps, k_outliers, bits, group_size, clip,
-              reorder_index, out: MixedQuantized | None, variant: str = "auto") -> MixedQuantized:
+              reorder_index, out: MixedQuantized | None, variant: str = "auto",
+              pipe_options: tuple[str, ...] = ()) -> MixedQuantized:
+    """pipe_options: compiler flags of a diagnostic "pipe" build (bench_gemm.py --quant-diag)."""
     if variant != "auto" and variant not in QUANT_VARIANTS:
         raise ValueError(f"variant={variant!r}: allowed 'auto' or {sorted(QUANT_VARIANTS)}")
+    plain = kind == "quantize_mixed"
+    if variant == "pipe" and not plain:
+        raise KernelShapeError(f"variant='pipe' quantizes plain rows only (quantize_mixed); for "
+                               f"{kind} use 'auto' or one of {sorted(set(QUANT_VARIANTS) - {'pipe'})}")
     require_kernel_backend()
     rows = _rows(x, "x")
     m, k_total = rows.shape
@@ -368,9 +382,17 @@ def _quantize(kind: str, x, up, norm_weight, eps, k_outliers, bits, group_size, 
             np.int32(k_outliers), np.float32(clip), np.int32(qmax), _ptr(out.normal),
             _ptr(out.normal_scales), _ptr(out.outlier), _ptr(out.outlier_scales))
     name = f"{kind}_g{group_size}"
-    variant, smem = fit_quant_variant(variant, m, kn, k_total, up is not None)
+    variant, smem = fit_quant_variant(variant, m, kn, k_total, up is not None, plain)
     if variant == "row":
         _launch("quantize", name, (m,), (QUANT_THREADS,), args, smem, rows.device)
+        return out
+    if variant == "pipe":
+        sms = torch.cuda.get_device_properties(rows.device).multi_processor_count
+        rows_per_block = -(-m // sms)  # balanced: every block takes the same number of rows
+        args = (args[0], args[4], args[5], args[6], args[7], args[8]) + args[9:]
+        warps, _, staged = pipe_layout(kn, k_total)
+        _launch("quantize", f"{name}_pipe", (-(-m // rows_per_block),), (32 * (warps + 1),),
+                args + (np.int32(m), np.int32(staged)), smem, rows.device, pipe_options)
         return out
     if variant in WIDE_BUFFERS:
         capacity = _resident_blocks("quantize", f"{name}_{variant}", smem, QUANT_THREADS,
@@ -386,15 +408,26 @@ def _quantize(kind: str, x, up, norm_weight, eps, k_outliers, bits, group_size, 
     return out
 
 
-def fit_quant_variant(variant: str, m: int, kn: int, k_total: int, fused_up: bool) -> tuple[str, int]:
+def fit_quant_variant(variant: str, m: int, kn: int, k_total: int, fused_up: bool,
+                      plain: bool = True, sm90: bool | None = None) -> tuple[str, int]:
     """(variant, shared-memory bytes): "auto" resolved, falling back to "row" where the staged rows
     of the chosen kernel do not fit a SM (e.g. SiLU*up at K = 28672); an explicit variant that
-    does not fit is refused."""
+    does not fit is refused. sm90: whether the GPU runs the "pipe" kernels (None: ask the GPU)."""
     auto = variant == "auto"
     if auto:
-        variant = choose_quant_variant(m, k_total)
+        variant = choose_quant_variant(m, k_total, plain)
+    if variant == "pipe":
+        if sm90 is None:
+            from atom_lab.cuda import compute_capability
+
+            sm90 = compute_capability() >= (9, 0)
+        if not sm90:
+            if not auto:
+                raise KernelShapeError(f"variant={variant!r} needs an sm_90 GPU (bulk copies); use "
+                                       f"'auto', 'row', 'ring' or 'wide'")
+            variant = choose_quant_variant(m, k_total, plain=False)
     smem = quant_smem_bytes(variant, kn, k_total, fused_up)
-    if smem + 1024 <= SMEM_PER_SM:
+    if smem + 1024 <= SMEM_PER_SM and (variant != "pipe" or pipe_layout(kn, k_total)[0] > 0):
         return variant, smem
     if not auto:
         raise KernelShapeError(f"variant={variant} with K={k_total} needs {smem} bytes of shared "
@@ -408,8 +441,30 @@ def quant_smem_bytes(variant: str, kn: int, k_total: int, fused_up: bool) -> int
     if variant == "row":
         return 2 * k_total
     if variant in WIDE_BUFFERS:  # gather offsets of every task + staged rows
-        return 4 * (-(-kn // WIDE_COLS) * WIDE_COLS + 256) + WIDE_BUFFERS[variant] * row_bytes
+        return _wide_table_bytes(kn) + WIDE_BUFFERS[variant] * row_bytes
+    if variant == "pipe":  # the replicas' rings of staged rows (barriers: static shared memory)
+        _, replicas, staged = pipe_layout(kn, k_total)
+        return max(replicas * staged, 2) * row_bytes
     return 2 * row_bytes  # ring: two staged rows
+
+
+def _wide_table_bytes(kn: int) -> int:
+    return 4 * (-(-kn // WIDE_COLS) * WIDE_COLS + 256)
+
+
+def pipe_layout(kn: int, k_total: int) -> tuple[int, int, int]:
+    """(consumer warps, replicas, staged rows a replica) of the "pipe" kernel: replicas of one warp
+    a task of the row (its normal tasks and the outlier block), each with its own ring of staged
+    rows, about PIPE_BUFFERS rows in all; one replica of PIPE_MAX_WARPS warps when a row has more
+    tasks. (0, 0, 0) when two staged rows do not fit a SM."""
+    row_tasks = -(-kn // WIDE_COLS) + 1
+    fit = min(PIPE_MAX_BUFFERS, (SMEM_PER_SM - 1024 - 16 * PIPE_MAX_BUFFERS) // (2 * k_total))
+    if fit < 2:
+        return 0, 0, 0
+    if row_tasks > PIPE_MAX_WARPS:
+        return PIPE_MAX_WARPS, 1, min(PIPE_BUFFERS, fit)
+    replicas = max(1, min(PIPE_MAX_WARPS // row_tasks, fit // 2))
+    return replicas * row_tasks, replicas, min(max(2, round(PIPE_BUFFERS / replicas)), fit // replicas)
 
 
 def _resident_blocks(module: str, name: str, smem: int, threads: int, cap: int, device) -> int:

@@ -11,6 +11,7 @@
 // G in {64, 128}, k <= 256, 16-byte aligned rows.
 #include <cuda_fp16.h>
 
+#include "mbarrier.cuh"
 #include "pdl.cuh"
 
 #define QUANT_THREADS 256
@@ -414,17 +415,16 @@ struct PairQuantizer {
     }
 };
 
-// A normal task: 512 columns, lane = 16 of them; G / 16 lanes a group.
+// A normal task: 512 columns, lane = 16 of them (byte offsets o in the staged row); G / 16 lanes
+// a group.
 template <int G>
-__device__ void wide_normal_task(const unsigned char* row, const uint4* table, int task, int kn,
-                                 float clip, int qmax, unsigned char* __restrict__ codes_row,
-                                 __half* __restrict__ scales_row) {
+__device__ __forceinline__ void normal_task(const unsigned char* row, const uint4 (&o)[4], int task,
+                                            int kn, float clip, int qmax,
+                                            unsigned char* __restrict__ codes_row,
+                                            __half* __restrict__ scales_row) {
     constexpr int LPG = G / 16;
     const int lane = threadIdx.x & 31;
     const int c0 = task * WIDE_COLS + lane * 16;
-    uint4 o[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) o[q] = table[(task * 4 + q) * 32 + lane];
     __half2 p[8];
     float amax = gather_pairs<16>(row, o, p);
 #pragma unroll
@@ -446,14 +446,22 @@ __device__ void wide_normal_task(const unsigned char* row, const uint4* table, i
     }
 }
 
+template <int G>
+__device__ void wide_normal_task(const unsigned char* row, const uint4* table, int task, int kn,
+                                 float clip, int qmax, unsigned char* __restrict__ codes_row,
+                                 __half* __restrict__ scales_row) {
+    uint4 o[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) o[q] = table[(task * 4 + q) * 32 + (threadIdx.x & 31)];
+    normal_task<G>(row, o, task, kn, clip, qmax, codes_row, scales_row);
+}
+
 // The outlier task: lane j takes outlier columns 8j..8j+7 (k <= 256), one INT8 scale a row.
-__device__ void wide_outlier_task(const unsigned char* row, const uint4* table, int tasks, int k,
-                                  signed char* __restrict__ out_row, __half* __restrict__ oscale) {
+__device__ __forceinline__ void outlier_task(const unsigned char* row, const uint4 (&o)[2], int k,
+                                             signed char* __restrict__ out_row,
+                                             __half* __restrict__ oscale) {
     const int lane = threadIdx.x & 31;
     const bool active = lane * 8 < k;
-    uint4 o[2];
-#pragma unroll
-    for (int q = 0; q < 2; ++q) o[q] = table[tasks * (WIDE_COLS / 4) + q * 32 + lane];
     __half2 p[4];
     float amax = gather_pairs<8>(row, o, p);
     amax = warp_max_nonneg(active ? amax : 0.f);
@@ -466,6 +474,14 @@ __device__ void wide_outlier_task(const unsigned char* row, const uint4* table, 
         *reinterpret_cast<uint2*>(out_row + lane * 8) =
             make_uint2(low_bytes(b[0], b[1], b[2], b[3]), low_bytes(b[4], b[5], b[6], b[7]));
     if (lane == 0) *oscale = sh;
+}
+
+__device__ void wide_outlier_task(const unsigned char* row, const uint4* table, int tasks, int k,
+                                  signed char* __restrict__ out_row, __half* __restrict__ oscale) {
+    uint4 o[2];
+#pragma unroll
+    for (int q = 0; q < 2; ++q) o[q] = table[tasks * (WIDE_COLS / 4) + q * 32 + (threadIdx.x & 31)];
+    outlier_task(row, o, k, out_row, oscale);
 }
 
 template <int MODE, int G, int NBUF>
@@ -539,6 +555,174 @@ __device__ void quantize_mixed_wide(const __half* __restrict__ x, const __half* 
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Round 10 ("pipe", plain quantize only): the wide kernel's warp tasks without block barriers.
+// Rounds 2-9 found the row-granular pipeline (a staged row between two __syncthreads, one or three
+// rows in flight a block) holding the ring / wide kernels at 50-60% of HBM. Here producer lanes
+// stream whole rows with one bulk copy each (TMA) into rings of staged rows; each buffer has a
+// full barrier (the copy's bytes) and an empty barrier (one arrival a warp that works on the row).
+// The consumer warps are R replicas of one warp a task of the row (row_tasks = the normal tasks
+// plus the outlier block; R = CW / row_tasks, the host keeping R * nbuf within the barriers):
+// warp (r, task) quantizes that task of the block's rows r, r + R, ..., so its 16 gather offsets
+// (2 * idx of its columns) stay in registers, read once. Each replica owns a ring of nbuf buffers.
+// A row of more than PIPE_MAX_WARPS tasks: one replica of that many warps, task t to warp
+// t % CW, offsets read (L1) a task. A buffer is refilled once every warp of its replica left it.
+// ---------------------------------------------------------------------------------------------
+#define PIPE_MAX_BUFFERS 16
+#define PIPE_MAX_WARPS 27  // consumer warps (plus the producer: 896 threads, 72 registers)
+#ifndef QUANT_PIPE_DIAG
+#define QUANT_PIPE_DIAG 0  // diagnostic builds (bench_gemm.py --quant-diag; wrong outputs):
+#endif                     // 1: copies only (no tasks); 2: math only (the first nbuf rows reused)
+#ifndef PIPE_EARLY
+#define PIPE_EARLY 1  // rows requested before the warps' offsets are read (more delay those reads)
+#endif
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+
+// Byte offsets in the staged row of this lane's columns of a task (normal: 16, outlier: 8).
+__device__ __forceinline__ void normal_offsets(const int* __restrict__ idx, int task, int kn,
+                                               uint4 (&o)[4]) {
+    const int c0 = task * WIDE_COLS + (threadIdx.x & 31) * 16;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const int c = c0 + 4 * q;
+        if (c >= kn) {
+            o[q] = make_uint4(0, 0, 0, 0);
+        } else if (idx == nullptr) {
+            o[q] = make_uint4(2 * c, 2 * c + 2, 2 * c + 4, 2 * c + 6);
+        } else {
+            const int4 v = *reinterpret_cast<const int4*>(idx + c);
+            o[q] = make_uint4(2 * v.x, 2 * v.y, 2 * v.z, 2 * v.w);
+        }
+    }
+}
+__device__ __forceinline__ void outlier_offsets(const int* __restrict__ idx, int kn, int k,
+                                                uint4 (&o)[2]) {
+    const int j0 = (threadIdx.x & 31) * 8;
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+        const int c = kn + j0 + 4 * q;
+        if (j0 >= k) {  // k is a multiple of 8: a lane's 8 columns are all in or all out
+            o[q] = make_uint4(0, 0, 0, 0);
+        } else if (idx == nullptr) {
+            o[q] = make_uint4(2 * c, 2 * c + 2, 2 * c + 4, 2 * c + 6);
+        } else {
+            const int4 v = *reinterpret_cast<const int4*>(idx + c);
+            o[q] = make_uint4(2 * v.x, 2 * v.y, 2 * v.z, 2 * v.w);
+        }
+    }
+}
+
+template <int G>
+__device__ void quantize_mixed_pipe(const __half* __restrict__ x, const int* __restrict__ idx,
+                                    int K, int k, float clip, int qmax,
+                                    unsigned char* __restrict__ codes, __half* __restrict__ scales,
+                                    signed char* __restrict__ outlier, __half* __restrict__ oscales,
+                                    int M, int nbuf) {  // nbuf: buffers a replica
+#if __CUDA_ARCH__ >= 900
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ __align__(8) unsigned long long bar_words[2 * PIPE_MAX_BUFFERS];
+    const int kn = K - k, ngroups = kn / G;
+    const int tasks = (kn + WIDE_COLS - 1) / WIDE_COLS;
+    const int row_tasks = tasks + 1;  // the last one is the outlier block (or its unit scale)
+    const unsigned row_bytes = 2u * (unsigned)K;
+    const unsigned full = smem_u32(bar_words), empty = full + 8 * PIPE_MAX_BUFFERS;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int CW = blockDim.x / 32 - 1;  // consumer warps; the last warp is the producer
+    const bool fixed = row_tasks <= CW;  // one task a warp (replicas R = CW / row_tasks)
+    const int R = fixed ? CW / row_tasks : 1;  // the host sizes CW so that R * nbuf fits the bars
+    // This block's rows: blockIdx.x + i * gridDim.x for i < nrows.
+    const int nrows = (M - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;
+    // Replica r owns buffers r * nbuf .. r * nbuf + nbuf - 1, its j-th row (block row r + j * R)
+    // going to buffer r * nbuf + j % nbuf. Only that replica's warps use them, in order, so a warp
+    // waiting for a buffer's next phase has itself waited for the previous one: a parity wait can
+    // never see a phase two uses old.
+    auto rows_of = [&](int r) { return nrows > r ? (nrows - r + R - 1) / R : 0; };
+    auto issue = [&](int r, int j) {  // replica r's j-th row into its buffer
+        const int b = r * nbuf + j % nbuf;
+        const long long m = blockIdx.x + (long long)(r + j * R) * gridDim.x;
+        mbar_expect_tx(full + 8 * b, row_bytes);
+        bulk_copy(smem_u32(smem + (size_t)b * row_bytes), x + m * K, row_bytes, full + 8 * b);
+    };
+    const bool producer = warp == CW && lane < R;  // lane r feeds replica r
+    const int early = min(min(nbuf, rows_of(lane)), PIPE_EARLY);
+    if (warp == CW) {
+        if (lane == 0) {
+            for (int b = 0; b < R * nbuf; ++b) {
+                mbar_init(full + 8 * b, 1);
+                mbar_init(empty + 8 * b, (unsigned)min(CW, row_tasks));
+            }
+            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        }
+        __syncwarp();
+        if (producer)
+            for (int j = 0; j < early; ++j) issue(lane, j);
+    }
+    // A fixed warp's task and replica, and its offsets (read before the barrier, in flight).
+    const int task = fixed ? warp % row_tasks : 0, replica = fixed ? warp / row_tasks : 0;
+    uint4 o[4] = {};
+    if (fixed && warp < R * row_tasks) {
+        if (task < tasks) {
+            normal_offsets(idx, task, kn, o);
+        } else {
+            uint4 oo[2];
+            outlier_offsets(idx, kn, k, oo);
+            o[0] = oo[0], o[1] = oo[1];
+        }
+    }
+    __syncthreads();  // barriers initialized; no block barrier after this
+
+    if (warp == CW) {  // the producer: a buffer is refilled once every warp with work there left it
+        if (producer) {
+            const int n = QUANT_PIPE_DIAG == 2 ? min(nbuf, rows_of(lane)) : rows_of(lane);
+            for (int j = early; j < n; ++j) {
+                if (j >= nbuf) mbar_wait(empty + 8 * (lane * nbuf + j % nbuf), (j / nbuf - 1) & 1);
+                issue(lane, j);
+            }
+        }
+        return;
+    }
+    if (fixed && warp >= R * row_tasks) return;  // the CW % row_tasks spare warps
+    auto run_task = [&](int t, const unsigned char* rb, long long m, const uint4 (&off)[4]) {
+        if (QUANT_PIPE_DIAG == 1) return;
+        if (t < tasks) {
+            normal_task<G>(rb, off, t, kn, clip, qmax, codes + m * (kn / 2), scales + m * ngroups);
+        } else if (k > 0) {
+            const uint4 oo[2] = {off[0], off[1]};
+            outlier_task(rb, oo, k, outlier + m * k, oscales + m);
+        } else if (lane == 0) {
+            oscales[m] = __float2half_rn(1.0f);
+        }
+    };
+    for (int j = 0, n = rows_of(replica); j < n; ++j) {
+        const int b = replica * nbuf + j % nbuf;
+        if (QUANT_PIPE_DIAG != 2 || j < nbuf) mbar_wait(full + 8 * b, (j / nbuf) & 1);
+        const long long m = blockIdx.x + (long long)(replica + j * R) * gridDim.x;
+        const unsigned char* rb = smem + (size_t)b * row_bytes;
+        if (fixed) {
+            run_task(task, rb, m, o);
+        } else {
+            for (int t = warp; t < row_tasks; t += CW) {
+                uint4 off[4];
+                if (t < tasks) {
+                    normal_offsets(idx, t, kn, off);
+                } else {
+                    uint4 oo[2];
+                    outlier_offsets(idx, kn, k, oo);
+                    off[0] = oo[0], off[1] = oo[1];
+                }
+                run_task(t, rb, m, off);
+            }
+        }
+        fence_proxy_async();  // this warp's reads of the buffer before the copy that refills it
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + 8 * b);
+    }
+#endif
+}
+
 #define QUANT_ARGS                                                                             \
     const __half *__restrict__ x, const __half *__restrict__ up, const __half *__restrict__ norm_w, \
         float eps, const int *__restrict__ idx, int K, int k, float clip, int qmax,              \
@@ -567,6 +751,19 @@ __device__ void quantize_mixed_wide(const __half* __restrict__ x, const __half* 
     extern "C" __global__ void __launch_bounds__(QUANT_THREADS) NAME##_wide4(QUANT_ARGS, int M) { \
         quantize_mixed_wide<MODE, G, 4>(QUANT_PASS, M);                                      \
     }
+
+// "pipe" (plain quantize only): consumer warps + the producer warp (the launch's block size),
+// nbuf staged rows a replica.
+#define DEFINE_PIPE(NAME, G)                                                                  \
+    extern "C" __global__ void __launch_bounds__((PIPE_MAX_WARPS + 1) * 32) NAME(            \
+        const __half* __restrict__ x, const int* __restrict__ idx, int K, int k, float clip,  \
+        int qmax, unsigned char* __restrict__ codes, __half* __restrict__ scales,              \
+        signed char* __restrict__ outlier, __half* __restrict__ oscales, int M, int nbuf) {    \
+        quantize_mixed_pipe<G>(x, idx, K, k, clip, qmax, codes, scales, outlier, oscales, M,  \
+                               nbuf);                                                          \
+    }
+DEFINE_PIPE(quantize_mixed_g64_pipe, 64)
+DEFINE_PIPE(quantize_mixed_g128_pipe, 128)
 
 DEFINE_QUANT(quantize_mixed_g64, PLAIN, 64)
 DEFINE_QUANT(quantize_mixed_g128, PLAIN, 128)

@@ -116,12 +116,42 @@ def test_compile_cache_key_follows_headers_included_by_headers(tmp_path):
 
 def test_quantize_dispatch_falls_back_where_staged_rows_overflow_shared_memory():
     k_total = 28672 + 128  # Llama-70B FFN width: SiLU*up rows staged twice do not fit a SM
-    assert ko.choose_quant_variant(4096, k_total) == "wide"
-    variant, smem = ko.fit_quant_variant("auto", 4096, 28672, k_total, fused_up=True)
+    assert ko.choose_quant_variant(4096, k_total, plain=False) == "wide"
+    assert ko.choose_quant_variant(4096, k_total) == "pipe"
+    variant, smem = ko.fit_quant_variant("auto", 4096, 28672, k_total, fused_up=True, plain=False)
     assert variant == "row" and smem + 1024 <= ko.SMEM_PER_SM
-    assert ko.fit_quant_variant("auto", 4096, 28672, k_total, fused_up=False)[0] == "wide"
+    assert ko.fit_quant_variant("auto", 4096, 28672, k_total, False, plain=False)[0] == "wide"
+    assert ko.fit_quant_variant("auto", 4096, 28672, k_total, False, sm90=True)[0] == "pipe"
+    assert ko.fit_quant_variant("auto", 4096, 28672, k_total, False, sm90=False)[0] == "wide"
     with pytest.raises(ko.KernelShapeError, match="variant=wide4 with K=28800 needs"):
         ko.fit_quant_variant("wide4", 4096, 28672, k_total, fused_up=False)
+
+
+def test_pipe_quantize_is_refused_clearly_where_it_cannot_run():
+    gate = torch.randn(2, 1024).half()
+    with pytest.raises(ko.KernelShapeError, match="variant='pipe' quantizes plain rows only"):
+        ko.silu_mul_quantize_mixed(gate, gate, 128, variant="pipe")
+    with pytest.raises(ko.KernelShapeError, match="variant='pipe' needs an sm_90 GPU"):
+        ko.fit_quant_variant("pipe", 4096, 3968, 4096, fused_up=False, sm90=False)
+    for m in (1, 256, 1024, 4096):  # "auto" without sm_90 never picks the pipe kernel
+        assert ko.fit_quant_variant("auto", m, 3968, 4096, False, sm90=False)[0] != "pipe"
+
+
+def test_pipe_quantize_layout_fits_a_sm():
+    # replicas of one warp a task of the row (normal tasks of 512 columns + the outlier block),
+    # each with its own ring of staged rows
+    assert ko.pipe_layout(4096 - 128, 4096) == (27, 3, 3)  # 9 tasks
+    assert ko.pipe_layout(1024 - 128, 1024) == (24, 8, 2)  # 3 tasks: 8 rings of 2 rows fill the bars
+    assert ko.pipe_layout(11008 - 128, 11008) == (23, 1, 8)  # 23 tasks
+    assert ko.pipe_layout(28672, 28800) == (ko.PIPE_MAX_WARPS, 1, 4)  # 57 tasks: several a warp
+    for k_total in (1152, 4096, 11008, 28800):
+        warps, replicas, staged = ko.pipe_layout(k_total - 128, k_total)
+        assert staged >= 2 and replicas * staged <= ko.PIPE_MAX_BUFFERS and warps <= ko.PIPE_MAX_WARPS
+        variant, smem = ko.fit_quant_variant("pipe", 4096, k_total - 128, k_total, False, sm90=True)
+        assert variant == "pipe" and smem + 1024 + 16 * ko.PIPE_MAX_BUFFERS <= ko.SMEM_PER_SM
+    assert ko.pipe_layout(120000 - 128, 120000) == (0, 0, 0)
+    with pytest.raises(ko.KernelShapeError, match="variant=pipe with K=120000"):
+        ko.fit_quant_variant("pipe", 4096, 120000 - 128, 120000, False, sm90=True)
 
 
 def test_dispatch_covers_every_m():
@@ -169,6 +199,8 @@ def test_fp16_producer_references_round_like_an_fp16_model():
     (5, 2304, 256, 128, 4, 0.85, False),
     (9, 1104, 16, 64, 3, 0.9, True),
     (700, 2176, 128, 128, 4, 0.9, True),  # more rows than one-block-a-SM grids: rows a block > 1
+    (2000, 1152, 128, 128, 4, 0.9, True),  # pipe: 16 rows a block through 8 buffers (ring wraps)
+    (600, 17408, 256, 64, 4, 0.9, True),  # pipe: 34 tasks a row, more than its 27 warps
 ])
 def test_quantize_kernel_is_bit_exact(variant, m, k_total, k, group, bits, clip, gather):
     x = _acts(m, k_total)
