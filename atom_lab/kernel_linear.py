@@ -5,7 +5,10 @@ o, gate/up, down), the fake-quant QuantLinear modules by KernelLinear modules th
 activation-quantize kernel (once per input, shared by q/k/v and by gate/up) and the W4A4 GEMM
 on the packed weights the quantizer already produced (QuantLinear.packed_weight). Where the
 reordering added a run-time gather (GatheredNorm, InputGather) the gather moves into the quantize
-kernel (the module's `fused` flag). Everything else (norms, attention, KV cache) stays in torch.
+kernel (the module's `fused` flag). Every quantize kernel gathers, through the index reordered
+within groups for fewer shared-memory bank conflicts (gather_plan: the same groups, so the same
+outputs; the packed weights follow), also where the input comes in order (down_proj).
+Everything else (norms, attention, KV cache) stays in torch.
 
 Requirements: an FP16 model on a CUDA device; dynamic activation quantization, a_bits <= 4,
 w_bits <= 4 symmetric with a packed weight, INT8 outliers, and the kernel shapes of kernel_ops
@@ -22,6 +25,7 @@ from atom_lab.calibration import LINEAR_INPUTS
 from atom_lab.config import QuantConfig
 from atom_lab.cuda import require_kernel_backend
 from atom_lab.formats import MixedQuantized
+from atom_lab.gather_plan import bank_aware_order, permute_packed_columns
 from atom_lab.models import decoder_layers
 from atom_lab.qlinear import QuantLinear
 from atom_lab.reorder import GatheredNorm, InputGather, NORM_OF_INPUT
@@ -132,12 +136,17 @@ def convert_to_kernel_backend(model: nn.Module, qcfg: QuantConfig, strict: bool 
                 continue
             act_q = linears[0].act_quantizer
             gather = _gather_module(layer, input_name)
-            act = KernelActQuant(act_q.bits, act_q.group_size, act_q.clip, act_q.outliers,
-                                 None if gather is None else gather.index)
+            # The bank-aware order within groups (same groups, same outputs), also where the
+            # input arrives in order (down_proj): in-order columns gather with 8-way conflicts.
+            index = (gather.index if gather is not None
+                     else torch.arange(linears[0].in_features, device=linears[0].weight.device))
+            perm = bank_aware_order(index, act_q.outliers, act_q.group_size)
+            index = index[perm.to(index.device)]
+            act = KernelActQuant(act_q.bits, act_q.group_size, act_q.clip, act_q.outliers, index)
             for path, linear in zip(paths, linears):
                 parent, _, attr = path.rpartition(".")
-                setattr(layer.get_submodule(parent), attr,
-                        KernelLinear(linear.packed_weight, linear.bias, act))
+                packed = permute_packed_columns(linear.packed_weight, perm)
+                setattr(layer.get_submodule(parent), attr, KernelLinear(packed, linear.bias, act))
                 converted.append(f"layers.{i}.{path}")
             if gather is not None:
                 gather.fused = True  # the quantize kernel gathers; the module passes x through
