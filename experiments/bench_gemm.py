@@ -46,6 +46,7 @@ import atom_lab.cuda  # noqa: E402
 from atom_lab.cuda import launch_pdl  # noqa: E402
 from gpu_timing import time_graph  # noqa: E402  (experiments/ is on sys.path as the script folder)
 from atom_lab.formats import MixedQuantized, decode_mixed, encode_mixed  # noqa: E402
+from atom_lab.gather_plan import bank_aware_order  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288)]
 MS = [1, 16, 64, 256, 1024, 4096]
@@ -102,9 +103,11 @@ QUANT_CASES = [  # (M, K, k, G, bits, clip, gather)
     (5, 2304, 256, 128, 4, 0.85, False),
     (9, 1104, 16, 64, 3, 0.9, True),
     (300, 11008, 128, 128, 4, 0.9, True),
+    (2000, 4096, 128, 64, 4, 0.9, True),  # pipe: more rows a block than staged buffers (ring wraps)
 ]
-# row = round 1; ring = persistent double-buffered; ring_b1 = one block a SM (many rows a block)
-CHECK_QUANT_VARIANTS = ("row", "ring", "ring_b1", "wide", "wide4")
+# row = round 1; ring = persistent double-buffered; ring_b1 = one block a SM (many rows a block);
+# pipe (round 10): plain quantize only
+CHECK_QUANT_VARIANTS = ("row", "ring", "ring_b1", "wide", "wide4", "pipe")
 GEMM_CASES = [  # (M, N, K, k, G, bias)
     (1, 256, 1024, 128, 128, False),
     (7, 384, 1152, 128, 64, True),
@@ -133,7 +136,8 @@ def check_quantize() -> bool:
             "rmsnorm": ko.rmsnorm_fp16_reference(x.cpu(), norm_w.cpu(), 1e-5)[:, col],
             "silu_mul": ko.silu_mul_fp16_reference(x.cpu(), up.cpu())[:, col],
         }
-        for (kind, ref_in), variant in ((kr, v) for kr in refs.items() for v in CHECK_QUANT_VARIANTS):
+        for (kind, ref_in), variant in ((kr, v) for kr in refs.items() for v in CHECK_QUANT_VARIANTS
+                                        if kr == "plain" or v != "pipe"):
             ref = encode_mixed(ref_in, k, bits, g, clip)
             for byte in (0x00, 0xFF):
                 out = poisoned_mixed(m, k_total - k, k, g, bits, byte)
@@ -338,7 +342,7 @@ def applicable_variants(m: int) -> list[str]:
 def bench_quantize_only(k_total: int, ms: list, ceil: dict, variant_rows: list) -> None:
     """--small: every quantize variant at larger M (the GEMMs there are the large-M rows' job)."""
     kn = k_total - OUTLIERS
-    idx = torch.randperm(k_total, device="cuda").int()
+    idx = reorder_index(k_total)
     for m in ms:
         xs = [activations(m, k_total) for _ in range(min(copies(m * k_total * 2), 8))]
         quant_bytes = 2 * m * k_total + ko.mixed_bytes(m, kn, OUTLIERS, GROUP) + 4 * k_total
@@ -349,8 +353,55 @@ def bench_quantize_only(k_total: int, ms: list, ceil: dict, variant_rows: list) 
                                  "tops": 100 * quant_bytes / (t * 1e3) / ceil["hbm_gbps"],
                                  "chosen": int(v == ko.choose_quant_variant(m, k_total)), "timing": "graph"})
         done = variant_rows[-len(ko.QUANT_VARIANTS):]
+        t_copy = same_bytes_copy_us(quant_bytes)
+        drawn = reorder_index(k_total, bank_aware=False)
+        t_drawn = timed_graph([lambda x=x: ko.quantize_mixed(x, OUTLIERS, 4, GROUP, A_CLIP, drawn,
+                                                             variant="pipe") for x in xs])
+        variant_rows.append({"K": k_total, "N": 0, "M": m, "variant": "quant_pipe_drawn_index",
+                             "us": t_drawn, "tops": 100 * quant_bytes / (t_drawn * 1e3) / ceil["hbm_gbps"],
+                             "chosen": 0, "timing": "graph"})
         log(f"K={k_total:5d} M={m:4d} quant "
-            + " ".join(f"{r['variant'][6:]}={r['us']:.1f}us({r['tops']:.0f}%)" for r in done))
+            + " ".join(f"{r['variant'][6:]}={r['us']:.1f}us({r['tops']:.0f}%)" for r in done)
+            + f" | pipe, index as drawn {t_drawn:.1f}us | same-bytes copy {t_copy:.1f}us")
+
+
+def reorder_index(k_total: int, bank_aware: bool = True) -> torch.Tensor:
+    """A random reorder index for the gather, in the bank-aware order within groups that the kernel
+    backend gives every index (gather_plan; the same groups, so the same GEMM), or as drawn."""
+    idx = torch.randperm(k_total)
+    if bank_aware:
+        idx = idx[bank_aware_order(idx, OUTLIERS, GROUP)]
+    return idx.int().cuda()
+
+
+def quant_pipe_diag(out: Path) -> None:
+    """--quant-diag: the "pipe" quantize kernel beside its copies-only and math-only builds
+    (QUANT_PIPE_DIAG = 1 / 2 in kernels/quantize.cu), other ring depths and early-request counts, and
+    a same-bytes torch copy, at M >= 1024."""
+    builds = {"default": ((), None), "copies only": (("-DQUANT_PIPE_DIAG=1",), None),
+              "math only": (("-DQUANT_PIPE_DIAG=2",), None), "4 buffers": ((), 4),
+              "16 buffers": ((), 16), "no early row": (("-DPIPE_EARLY=0",), None),
+              "8 early rows": (("-DPIPE_EARLY=8",), None)}
+    lines = ["| K | M | " + " | ".join(f"{b} us" for b in builds) + " | same-bytes copy us |",
+             "|---|---|" + "---|" * (len(builds) + 1)]
+    default_buffers = ko.PIPE_BUFFERS
+    for k_total in (4096, 11008):
+        kn = k_total - OUTLIERS
+        idx = reorder_index(k_total)
+        for m in (1024, 4096):
+            xs = [activations(m, k_total) for _ in range(min(copies(m * k_total * 2), 8))]
+            quant_bytes = 2 * m * k_total + ko.mixed_bytes(m, kn, OUTLIERS, GROUP) + 4 * k_total
+            t = []
+            for options, buffers in builds.values():
+                ko.PIPE_BUFFERS = buffers or default_buffers
+                t.append(timed_graph([lambda x=x, o=options: ko._quantize(
+                    "quantize_mixed", x, None, None, 0.0, OUTLIERS, 4, GROUP, A_CLIP, idx, None,
+                    "pipe", o) for x in xs]))
+            ko.PIPE_BUFFERS = default_buffers
+            lines.append(f"| {k_total} | {m} | " + " | ".join(f"{u:.1f}" for u in t)
+                         + f" | {same_bytes_copy_us(quant_bytes):.1f} |")
+            log(lines[-1])
+    (out / "quant_pipe_diag.md").write_text("\n".join(lines) + "\n")
 
 
 def bench_shape(k_total: int, n: int, ceil: dict, rows: list, variant_rows: list) -> None:
@@ -362,7 +413,7 @@ def bench_shape(k_total: int, n: int, ceil: dict, rows: list, variant_rows: list
     w16ts = [w16.t()] + [w16.clone().t() for _ in range(copies(w16.numel() * 2) - 1)]
     w8, s8 = int8_weight(w16)
     w8ts = [w8.t()] + [w8.clone().t() for _ in range(copies(w8.numel()) - 1)]
-    idx = torch.randperm(k_total, device="cuda").int()
+    idx = reorder_index(k_total)
     for m in MS:
         xs = [activations(m, k_total) for _ in range(min(copies(m * k_total * 2), 8))]
         a_bytes = ko.mixed_bytes(m, kn, OUTLIERS, GROUP)
@@ -455,7 +506,7 @@ def profile_target() -> None:
     for k_total, n in ((4096, 4096), (11008, 4096)):
         w = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.02).half(), OUTLIERS, 4, GROUP,
                          0.85)
-        idx = torch.randperm(k_total, device="cuda").int()
+        idx = reorder_index(k_total)
         for m, variants in ((1, ("skinny_m16n16", "gemv_m8", "gemv2_m8")),
                             (16, ("skinny_m16n16", "gemv_m16", "gemv2_m16"))):
             a = ko.quantize_mixed(activations(m, k_total), OUTLIERS, 4, GROUP, A_CLIP, idx)
@@ -560,7 +611,7 @@ def timeline(out: Path, slug: str) -> None:
     dev = torch.device("cuda", torch.cuda.current_device())
     wq = encode_mixed((torch.randn(n, k_total, device="cuda") * 0.02).half(), OUTLIERS, 4, GROUP, 0.85)
     wqs = [wq] + [clone_mixed(wq) for _ in range(copies(ko.mixed_bytes(n, kn, OUTLIERS, GROUP)) - 1)]
-    idx = torch.randperm(k_total, device="cuda").int()
+    idx = reorder_index(k_total)
     empty = {c: timed_graph([lambda c=c: ko._launch("w4a4_gemv", "gemv_empty_kernel", (c,), (256,),
                                                     (), 0, dev)]) for c in (1, 256)}
     log(f"timeline: empty kernel a graph node: {empty[1]:.2f} us (1 CTA), {empty[256]:.2f} us "
@@ -702,7 +753,9 @@ def write_outputs(out: Path, slug: str, device: str, ceil: dict, rows: list, var
     md = [f"# W4A4 GEMM and activation quantization on {device}", "",
           f"Measured by `experiments/bench_gemm.py` ({time.strftime('%Y-%m-%d')}); torch "
           f"{torch.__version__}. 128 INT8 outlier channels, group 128, activation clip {A_CLIP}, "
-          "reorder gather fused into the quantize kernel. Times are medians of CUDA-event batches "
+          "reorder gather fused into the quantize kernel (a random index in the bank-aware order "
+          "within groups that the kernel backend uses, atom_lab/gather_plan.py). Times are medians "
+          "of CUDA-event batches "
           "with inputs rotated beyond the L2.", "",
           "Ceilings measured in the same run:", "",
           f"- HBM bandwidth (device-to-device copy, read + write): {ceil['hbm_gbps']:.0f} GB/s",
@@ -874,7 +927,7 @@ def bench_large(out: Path, slug: str) -> int:
         w16ts = [w16.t()] + [w16.clone().t() for _ in range(copies(w16.numel() * 2) - 1)]
         w8, s8 = int8_weight(w16)
         w8ts = [w8.t()] + [w8.clone().t() for _ in range(copies(w8.numel()) - 1)]
-        idx = torch.randperm(k_total, device="cuda").int()
+        idx = reorder_index(k_total)
         for m in LARGE_MS:
             xs = [activations(m, k_total) for _ in range(min(copies(m * k_total * 2), 8))]
             aqs = [ko.quantize_mixed(x, OUTLIERS, 4, GROUP, A_CLIP, idx) for x in xs]
@@ -943,7 +996,13 @@ def main() -> int:
                         help="large-M wgmma variants and ablation builds side by side (M >= 256)")
     parser.add_argument("--timeline", action="store_true",
                         help="per-CTA phase timeline of the small-M kernels (4096^2, M = 1, 16)")
+    parser.add_argument("--quant-diag", action="store_true",
+                        help="only the pipe quantize kernels beside their copies-only / math-only builds")
     args = parser.parse_args()
+    if args.quant_diag:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        quant_pipe_diag(Path(args.out))
+        return 0
     if args.profile_target:
         profile_target()
         return 0
