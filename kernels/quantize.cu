@@ -581,37 +581,26 @@ __device__ __forceinline__ unsigned smem_u32(const void* p) {
     return (unsigned)__cvta_generic_to_shared(p);
 }
 
-// Byte offsets in the staged row of this lane's columns of a task (normal: 16, outlier: 8).
-__device__ __forceinline__ void normal_offsets(const int* __restrict__ idx, int task, int kn,
-                                               uint4 (&o)[4]) {
-    const int c0 = task * WIDE_COLS + (threadIdx.x & 31) * 16;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-        const int c = c0 + 4 * q;
-        if (c >= kn) {
-            o[q] = make_uint4(0, 0, 0, 0);
-        } else if (idx == nullptr) {
-            o[q] = make_uint4(2 * c, 2 * c + 2, 2 * c + 4, 2 * c + 6);
-        } else {
-            const int4 v = *reinterpret_cast<const int4*>(idx + c);
-            o[q] = make_uint4(2 * v.x, 2 * v.y, 2 * v.z, 2 * v.w);
-        }
-    }
+// Byte offsets in the staged row of input columns idx[c .. c + 3] (zeros where !valid).
+__device__ __forceinline__ uint4 offsets4(const int* __restrict__ idx, int c, bool valid) {
+    if (!valid) return make_uint4(0, 0, 0, 0);
+    if (idx == nullptr) return make_uint4(2 * c, 2 * c + 2, 2 * c + 4, 2 * c + 6);
+    const int4 v = *reinterpret_cast<const int4*>(idx + c);
+    return make_uint4(2 * v.x, 2 * v.y, 2 * v.z, 2 * v.w);
 }
-__device__ __forceinline__ void outlier_offsets(const int* __restrict__ idx, int kn, int k,
-                                                uint4 (&o)[2]) {
-    const int j0 = (threadIdx.x & 31) * 8;
+
+// This lane's gather offsets for task t of a row: a normal task's 16 columns, or the outlier
+// block's 8 (in o[0..1]; k is a multiple of 8: a lane's 8 columns are all in or all out).
+__device__ __forceinline__ void task_offsets(const int* __restrict__ idx, int t, int tasks, int kn,
+                                             int k, uint4 (&o)[4]) {
+    const int lane = threadIdx.x & 31;
+    if (t < tasks) {
+        const int c0 = t * WIDE_COLS + lane * 16;
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
-        const int c = kn + j0 + 4 * q;
-        if (j0 >= k) {  // k is a multiple of 8: a lane's 8 columns are all in or all out
-            o[q] = make_uint4(0, 0, 0, 0);
-        } else if (idx == nullptr) {
-            o[q] = make_uint4(2 * c, 2 * c + 2, 2 * c + 4, 2 * c + 6);
-        } else {
-            const int4 v = *reinterpret_cast<const int4*>(idx + c);
-            o[q] = make_uint4(2 * v.x, 2 * v.y, 2 * v.z, 2 * v.w);
-        }
+        for (int q = 0; q < 4; ++q) o[q] = offsets4(idx, c0 + 4 * q, c0 + 4 * q < kn);
+    } else {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) o[q] = offsets4(idx, kn + lane * 8 + 4 * q, lane * 8 < k);
     }
 }
 
@@ -663,15 +652,7 @@ __device__ void quantize_mixed_pipe(const __half* __restrict__ x, const int* __r
     // A fixed warp's task and replica, and its offsets (read before the barrier, in flight).
     const int task = fixed ? warp % row_tasks : 0, replica = fixed ? warp / row_tasks : 0;
     uint4 o[4] = {};
-    if (fixed && warp < R * row_tasks) {
-        if (task < tasks) {
-            normal_offsets(idx, task, kn, o);
-        } else {
-            uint4 oo[2];
-            outlier_offsets(idx, kn, k, oo);
-            o[0] = oo[0], o[1] = oo[1];
-        }
-    }
+    if (fixed && warp < R * row_tasks) task_offsets(idx, task, tasks, kn, k, o);
     __syncthreads();  // barriers initialized; no block barrier after this
 
     if (warp == CW) {  // the producer: a buffer is refilled once every warp with work there left it
@@ -705,14 +686,8 @@ __device__ void quantize_mixed_pipe(const __half* __restrict__ x, const int* __r
             run_task(task, rb, m, o);
         } else {
             for (int t = warp; t < row_tasks; t += CW) {
-                uint4 off[4];
-                if (t < tasks) {
-                    normal_offsets(idx, t, kn, off);
-                } else {
-                    uint4 oo[2];
-                    outlier_offsets(idx, kn, k, oo);
-                    off[0] = oo[0], off[1] = oo[1];
-                }
+                uint4 off[4] = {};
+                task_offsets(idx, t, tasks, kn, k, off);
                 run_task(t, rb, m, off);
             }
         }
