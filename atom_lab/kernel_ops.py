@@ -114,7 +114,7 @@ WG_MIN_M = 128  # wgmma from here up: 1.2-1.4x tc_m64 at M = 256 (gemm_h100.md);
 # "wide4": the same with 3 rows a block in flight instead of 1.
 # "pipe" (round 10, plain quantize, sm_90): the wide kernel's warp tasks fed by a producer warp's
 # bulk row copies through a ring of staged rows (full / empty barriers, no block barrier), one block
-# a SM, one warp a task of the row (replicated over rows up to 31 warps).
+# a SM, one warp a task of the row (replicas over the rows, up to PIPE_MAX_WARPS warps).
 QUANT_VARIANTS = {"row": None, "ring": 8, "ring_b4": 4, "ring_b2": 2, "ring_b1": 1, "wide": 8,
                   "wide4": 8, "pipe": 1}
 WIDE_COLS = 512  # columns of one warp task in the wide kernel (32 lanes x 16)
@@ -318,7 +318,8 @@ def _index(reorder_index: torch.Tensor | None, k_total: int, device) -> torch.Te
     if reorder_index.dim() != 1 or reorder_index.numel() != k_total:
         raise ValueError(f"reorder_index must be a vector of K={k_total} column indices, got shape "
                          f"{list(reorder_index.shape)}")
-    return reorder_index.to(device=device, dtype=torch.int32).contiguous()
+    idx = reorder_index.to(device=device, dtype=torch.int32).contiguous()
+    return idx if idx.data_ptr() % 16 == 0 else idx.clone()  # the kernels read it in 16-byte words
 
 
 # ---------------------------------------------------------------------------------- quantization
