@@ -112,7 +112,7 @@ WG_MIN_M = 128  # wgmma from here up: 1.2-1.4x tc_m64 at M = 256 (gemm_h100.md);
 # "wide" (round 3) = the ring's persistent blocks with 16 columns a lane (a group's per-group work
 # shared by 4-8 groups a warp instruction), gather offsets staged once a block, half2 max/clamp.
 # "wide4": the same with 3 rows a block in flight instead of 1.
-# "pipe" (round 10, plain quantize, sm_90): the wide kernel's warp tasks fed by a producer warp's
+# "pipe" (round 10, plain quantize, sm_90): the wide kernel's warp tasks fed by producer lanes'
 # bulk row copies through a ring of staged rows (full / empty barriers, no block barrier), one block
 # a SM, one warp a task of the row (replicas over the rows, up to PIPE_MAX_WARPS warps).
 QUANT_VARIANTS = {"row": None, "ring": 8, "ring_b4": 4, "ring_b2": 2, "ring_b1": 1, "wide": 8,
