@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from atom_lab.formats import MixedQuantized, pack_nibbles, unpack_nibbles
+from atom_lab.kernel_ops import WIDE_COLS as TASK_COLS  # columns of a warp task
 
-TASK_COLS = 512  # columns of a warp task (as WIDE_COLS in kernels/quantize.cu)
 LANE_COLS = 16  # normal columns a lane
 OUTLIER_LANE_COLS = 8  # outlier columns a lane
 BANKS = 32

@@ -390,10 +390,12 @@ def _quantize(kind: str, x, up, norm_weight, eps, k_outliers, bits, group_size, 
     if variant == "pipe":
         sms = torch.cuda.get_device_properties(rows.device).multi_processor_count
         rows_per_block = -(-m // sms)  # balanced: every block takes the same number of rows
-        args = (args[0], args[4], args[5], args[6], args[7], args[8]) + args[9:]
         warps, _, staged = pipe_layout(kn, k_total)
+        pipe_args = (_ptr(rows), _ptr(idx), np.int32(k_total), np.int32(k_outliers),
+                     np.float32(clip), np.int32(qmax), _ptr(out.normal), _ptr(out.normal_scales),
+                     _ptr(out.outlier), _ptr(out.outlier_scales), np.int32(m), np.int32(staged))
         _launch("quantize", f"{name}_pipe", (-(-m // rows_per_block),), (32 * (warps + 1),),
-                args + (np.int32(m), np.int32(staged)), smem, rows.device, pipe_options)
+                pipe_args, smem, rows.device, pipe_options)
         return out
     if variant in WIDE_BUFFERS:
         capacity = _resident_blocks("quantize", f"{name}_{variant}", smem, QUANT_THREADS,
@@ -442,15 +444,11 @@ def quant_smem_bytes(variant: str, kn: int, k_total: int, fused_up: bool) -> int
     if variant == "row":
         return 2 * k_total
     if variant in WIDE_BUFFERS:  # gather offsets of every task + staged rows
-        return _wide_table_bytes(kn) + WIDE_BUFFERS[variant] * row_bytes
+        return 4 * (-(-kn // WIDE_COLS) * WIDE_COLS + 256) + WIDE_BUFFERS[variant] * row_bytes
     if variant == "pipe":  # the replicas' rings of staged rows (barriers: static shared memory)
         _, replicas, staged = pipe_layout(kn, k_total)
         return max(replicas * staged, 2) * row_bytes
     return 2 * row_bytes  # ring: two staged rows
-
-
-def _wide_table_bytes(kn: int) -> int:
-    return 4 * (-(-kn // WIDE_COLS) * WIDE_COLS + 256)
 
 
 def pipe_layout(kn: int, k_total: int) -> tuple[int, int, int]:

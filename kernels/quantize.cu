@@ -577,10 +577,6 @@ __device__ void quantize_mixed_wide(const __half* __restrict__ x, const __half* 
 #define PIPE_EARLY 1  // rows requested before the warps' offsets are read (more delay those reads)
 #endif
 
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    return (unsigned)__cvta_generic_to_shared(p);
-}
-
 // Byte offsets in the staged row of input columns idx[c .. c + 3] (zeros where !valid).
 __device__ __forceinline__ uint4 offsets4(const int* __restrict__ idx, int c, bool valid) {
     if (!valid) return make_uint4(0, 0, 0, 0);

@@ -16,10 +16,6 @@
 __device__ __forceinline__ unsigned evens(unsigned w) { return (w << 4) & UNPACK_MASK; }
 __device__ __forceinline__ unsigned odds(unsigned w) { return w & UNPACK_MASK; }
 
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    return (unsigned)__cvta_generic_to_shared(p);
-}
-
 // 16-byte global -> shared copy; `valid == false` zero-fills the destination.
 __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
