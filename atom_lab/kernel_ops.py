@@ -120,7 +120,7 @@ QUANT_VARIANTS = {"row": None, "ring": 8, "ring_b4": 4, "ring_b2": 2, "ring_b1":
 WIDE_COLS = 512  # columns of one warp task in the wide kernel (32 lanes x 16)
 WIDE_BUFFERS = {"wide": 2, "wide4": 4}  # staged rows a block (as NBUF in the .cu file)
 PIPE_MAX_BUFFERS, PIPE_MAX_WARPS = 16, 27  # as in the .cu file
-PIPE_BUFFERS = 8  # about this many staged rows a block (round 10: 8 beat 26 at K = 4096)
+PIPE_BUFFERS = 3  # about this many staged rows a block (round 11, --quant-diag: 3 beat 2, 4, 6, 8)
 QUANT_RING_MAX_ROWS = 256  # "auto": ring up to here (10% faster), pipe (plain) or row / wide above
 QUANT_WIDE_MIN_K = 8192  # above 256 rows, wide from this K (3-4% faster at K = 11008), else row
 

@@ -376,12 +376,12 @@ def reorder_index(k_total: int, bank_aware: bool = True) -> torch.Tensor:
 
 def quant_pipe_diag(out: Path) -> None:
     """--quant-diag: the "pipe" quantize kernel beside its copies-only and math-only builds
-    (QUANT_PIPE_DIAG = 1 / 2 in kernels/quantize.cu), other ring depths and early-request counts, and
-    a same-bytes torch copy, at M >= 1024."""
+    (QUANT_PIPE_DIAG = 1 / 2 in kernels/quantize.cu), ring depths (ko.PIPE_BUFFERS staged rows a
+    block in all), and a same-bytes torch copy, at M >= 1024."""
     builds = {"default": ((), None), "copies only": (("-DQUANT_PIPE_DIAG=1",), None),
-              "math only": (("-DQUANT_PIPE_DIAG=2",), None), "4 buffers": ((), 4),
-              "16 buffers": ((), 16), "no early row": (("-DPIPE_EARLY=0",), None),
-              "8 early rows": (("-DPIPE_EARLY=8",), None)}
+              "math only": (("-DQUANT_PIPE_DIAG=2",), None), "2 buffers": ((), 2),
+              "3 buffers": ((), 3), "4 buffers": ((), 4), "6 buffers": ((), 6),
+              "8 buffers": ((), 8), "4 buffers, math only": (("-DQUANT_PIPE_DIAG=2",), 4)}
     lines = ["| K | M | " + " | ".join(f"{b} us" for b in builds) + " | same-bytes copy us |",
              "|---|---|" + "---|" * (len(builds) + 1)]
     default_buffers = ko.PIPE_BUFFERS
@@ -402,6 +402,42 @@ def quant_pipe_diag(out: Path) -> None:
                          + f" | {same_bytes_copy_us(quant_bytes):.1f} |")
             log(lines[-1])
     (out / "quant_pipe_diag.md").write_text("\n".join(lines) + "\n")
+
+
+def fold_ceiling(out: Path, iters: int = 2048) -> None:
+    """--fold-ceiling: the wgmma rate left once each K-group of 128 is folded as the format needs
+    (kernels/w4a4_gemm_sm90.cu, wgmma_fold_probe_wg*: operands resident, no global traffic, no
+    unpack), beside the plain wgmma peaks of the same run: the bound for any W4A4 kernel with
+    per-(row, group) scales on both operands on INT8 wgmma."""
+    import numpy as np
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    seed = torch.randint(1, 2**31 - 1, (32,), dtype=torch.int64, device=dev).to(torch.int32)
+    smem = (64 + 256) * 128 + 4 * (128 + 64) * 4 + 1024
+    rates = {"wgmma m64n256k32 (both from shared memory)": ko.wgmma_s8_peak_tops("ss"),
+             "wgmma m64n128k32 (A from registers)": ko.wgmma_s8_peak_tops("rs")}
+    probes = {"wgmma_fold_probe_wg2": (2, "2 warpgroups"), "wgmma_fold_probe_wg3": (3, "3 warpgroups"),
+              "wgmma_fold_probe_pingpong": (2, "2 warpgroups in ping-pong (FA3's schedule)")}
+    for name, (wgs, what) in probes.items():
+        res = torch.empty(sms * wgs * 128, dtype=torch.float32, device=dev)
+        args = (np.uint64(seed.data_ptr()), np.int32(iters), np.uint64(res.data_ptr()))
+        launch = lambda n=name, w=wgs, a=args: ko._launch("w4a4_gemm_sm90", n, (sms,), (w * 128,),
+                                                           a, smem, dev)
+        launch()
+        torch.cuda.synchronize()
+        rates[f"m64n128k32 + fold a group of 128, {what}"] = ko._median_tops(
+            launch, 2 * 64 * 128 * 128 * iters * wgs * sms)
+    peak = max(rates.values())
+    lines = [f"# Fold ceiling on {torch.cuda.get_device_name()} (bench_gemm.py --fold-ceiling)", "",
+             f"Issue 4's 60% of the INT8 rate is {0.6 * peak:.0f} TOPS here.", "",
+             "| loop (one CTA a SM, shared-memory resident) | TOPS | % of the best wgmma rate |",
+             "|---|---|---|"]
+    for name, tops in rates.items():
+        lines.append(f"| {name} | {tops:.0f} | {100 * tops / peak:.0f} |")
+    (out / "gemm_fold_ceiling.md").write_text("\n".join(lines) + "\n")
+    for line in lines:
+        log(line)
 
 
 def bench_shape(k_total: int, n: int, ceil: dict, rows: list, variant_rows: list) -> None:
@@ -998,7 +1034,13 @@ def main() -> int:
                         help="per-CTA phase timeline of the small-M kernels (4096^2, M = 1, 16)")
     parser.add_argument("--quant-diag", action="store_true",
                         help="only the pipe quantize kernels beside their copies-only / math-only builds")
+    parser.add_argument("--fold-ceiling", action="store_true",
+                        help="only the wgmma rate with the format's per-group fold and nothing else")
     args = parser.parse_args()
+    if args.fold_ceiling:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        fold_ceiling(Path(args.out))
+        return 0
     if args.quant_diag:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         quant_pipe_diag(Path(args.out))

@@ -37,6 +37,17 @@ __device__ __forceinline__ __half group_scale(float absmax, float clip, float qm
     return __float2half_rn(s);
 }
 
+// The same scale with the division by qmax done as q0 = a * rq, q0 + (a - q0 * qmax) * rq (two
+// FMAs, exact residual; rq = RN(1 / qmax)): by Markstein's theorem the correctly rounded a / qmax,
+// and checked for every fp32 significand of a and qmax in {1, 3, 7, 127}
+// (tests/test_kernels_gemm.py). It replaces a division subroutine with a slow-path branch.
+__device__ __forceinline__ __half group_scale_rcp(float absmax, float clip, float qmax, float rq) {
+    const float a = absmax * clip;
+    const float q0 = a * rq;
+    const float q = fmaf(fmaf(-q0, qmax, a), rq, q0);
+    return __float2half_rn(fmaxf(q, MIN_SCALE));
+}
+
 // v / scale correctly rounded (what torch computes) without a division per element: r is the
 // correctly rounded 1/scale, q0 = v * r is within 1.5 ulp, and each residual step
 // q + (v - q * scale) * r (FMA, exact residual) moves it to within 1 ulp and then, by Markstein's
@@ -340,9 +351,10 @@ __device__ void quantize_mixed_ring(const __half* __restrict__ x, const __half* 
 //     B_hi = fp16(qmax * s) and B_lo = max(-(qmax + 1) * s, -65504) (exact), rint(clamp(x) / s)
 //     equals clamp(rint(x / s)) for every fp16 x (B_hi / s is within qmax * 2^-11 of qmax, far
 //     inside +-0.5; an infinite B_hi needs x > 7.5 s > 65504, which no fp16 x is);
-//   - the division is the one-step reciprocal form proven exact for fp16 operands, the rounding
-//     the magic add, and two codes become a byte with one shift and one LOP3, four bytes a word
-//     with three PRMT; each lane stores its 8 bytes with one 8-byte store.
+//   - division and rounding are two instructions an element (round 11, PairQuantizer: an FMA
+//     with an approximate reciprocal onto a 2^-14 grid, then the magic add), two biased codes
+//     become a byte with one shift-add, four bytes a word with three PRMT and one XOR; each lane
+//     stores its 8 bytes with one 8-byte store.
 // RMSNorm is applied in place to the staged row (after its sum of squares) and SiLU * up likewise,
 // so the quantizer itself is the same for the three producers.
 // ---------------------------------------------------------------------------------------------
@@ -367,11 +379,14 @@ __device__ __forceinline__ unsigned gather_u16(const unsigned char* row, unsigne
     return *reinterpret_cast<const unsigned short*>(row + off);
 }
 
-// Two codes (each the low bits of a magic-rounded float) as one nibble-packed low byte; the bits
-// above it are garbage that low_bytes drops (a shift and one LOP3).
+// Two codes (each the low byte of a rounded float, biased by +8 into 0..15) as one nibble-packed
+// low byte, with a single shift-add (LEA); the bits above it are garbage that low_bytes drops. The
+// bias comes off with one XOR 0x88 a byte: (n + 8) ^ 8 is n as a two's complement nibble.
 __device__ __forceinline__ unsigned nibble_pair(unsigned lo_bits, unsigned hi_bits) {
-    return ((hi_bits << 4) & ~0x0Fu) | (lo_bits & 0x0Fu);
+    return (hi_bits << 4) + lo_bits;
 }
+#define NIBBLE_BIAS 8
+#define NIBBLE_UNBIAS 0x88888888u
 // The low bytes of four registers as one word.
 __device__ __forceinline__ unsigned low_bytes(unsigned b0, unsigned b1, unsigned b2, unsigned b3) {
     return __byte_perm(__byte_perm(b0, b1, 0x0040), __byte_perm(b2, b3, 0x0040), 0x5410);
@@ -398,39 +413,46 @@ __device__ __forceinline__ float gather_pairs(const unsigned char* row, const ui
     return fmaxf(__low2float(m), __high2float(m));
 }
 
-// Magic-rounded float bits of rint(clamp(x) / s) for a half2 pair (see the section comment).
+// rint(clamp(x) / s) + bias as the low bits of a float, in two instructions an element:
+//   y = fma(v, r, 768)  (r ~ 1/s within 1 ulp: MUFU.RCP), then y + (1.5 * 2^23 - 768 + bias).
+// Why this equals torch's rint(RN(v / s)) for fp16 v and s (|v / s| <= 128.1 after the clamp):
+//  - v = a 2^i, s = b 2^j with integers a, b < 2^11, so v / s is either a half-integer t exactly
+//    or at least 1 / (2 b 2^(j-i)) >= 2^-13 away from every t (|v / s| >= 1/2 near t bounds
+//    b 2^(j-i) <= 2^12). So rint(RN32(v / s)) = rint(v / s): fp32's rounding cannot reach a t.
+//  - |v r - v / s| <= 128.1 * 2^-23 < 2^-15 (rcp.approx is within 1 ulp).
+//  - On [512, 1024) fp32 steps are 2^-14: RN(v r + 768) lands exactly on 768 + t when v / s = t
+//    (within half a step) and otherwise stays strictly on v / s's side of every 768 + t (more
+//    than one step away). The second add then rounds to an integer with ties to even, which
+//    is torch.round's rule, and leaves the code in the mantissa's low bits (0x400000 + n).
+// tests/test_kernels_gemm.py checks this on every fp16 significand pair next to each tie.
 struct PairQuantizer {
     __half2 lo, hi;
-    float s, r;
-    __device__ PairQuantizer(__half sh, int qmax) {
-        s = __half2float(sh);
-        r = __frcp_rn(s);
+    float r, add;
+    __device__ PairQuantizer(__half sh, int qmax, int bias) {
+        const float s = __half2float(sh);
+        asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(s));  // s >= 1e-5: normal
+        add = 12582912.0f - 768.0f + (float)bias;
         hi = __half2half2(__float2half_rn((float)qmax * s));
         lo = __half2half2(__float2half_rn(fmaxf(-(float)(qmax + 1) * s, -FP16_MAX)));
     }
     __device__ __forceinline__ void operator()(__half2 x, unsigned& b0, unsigned& b1) const {
         const float2 f = __half22float2(__hmin2(__hmax2(x, lo), hi));
-        b0 = __float_as_uint(div_rn<1>(f.x, s, r) + 12582912.0f);
-        b1 = __float_as_uint(div_rn<1>(f.y, s, r) + 12582912.0f);
+        b0 = __float_as_uint(__fadd_rn(__fmaf_rn(f.x, r, 768.0f), add));
+        b1 = __float_as_uint(__fadd_rn(__fmaf_rn(f.y, r, 768.0f), add));
     }
 };
 
 // A normal task: 512 columns, lane = 16 of them (byte offsets o in the staged row); G / 16 lanes
-// a group.
+// a group. normal_codes quantizes the lane's gathered pairs p (max |x| amax): returns the group's
+// scale; the lane's 16 codes go to `words` (8 bytes).
 template <int G>
-__device__ __forceinline__ void normal_task(const unsigned char* row, const uint4 (&o)[4], int task,
-                                            int kn, float clip, int qmax,
-                                            unsigned char* __restrict__ codes_row,
-                                            __half* __restrict__ scales_row) {
+__device__ __forceinline__ __half normal_codes(const __half2 (&p)[8], float amax, float clip,
+                                               int qmax, float rq, uint2& words) {
     constexpr int LPG = G / 16;
-    const int lane = threadIdx.x & 31;
-    const int c0 = task * WIDE_COLS + lane * 16;
-    __half2 p[8];
-    float amax = gather_pairs<16>(row, o, p);
 #pragma unroll
     for (int d = LPG / 2; d >= 1; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
-    const __half sh = group_scale(amax, clip, (float)qmax);
-    const PairQuantizer quant(sh, qmax);
+    const __half sh = group_scale_rcp(amax, clip, (float)qmax, rq);
+    const PairQuantizer quant(sh, qmax, NIBBLE_BIAS);
     unsigned bytes[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -438,11 +460,25 @@ __device__ __forceinline__ void normal_task(const unsigned char* row, const uint
         quant(p[j], b0, b1);
         bytes[j] = nibble_pair(b0, b1);
     }
+    words = make_uint2(low_bytes(bytes[0], bytes[1], bytes[2], bytes[3]) ^ NIBBLE_UNBIAS,
+                       low_bytes(bytes[4], bytes[5], bytes[6], bytes[7]) ^ NIBBLE_UNBIAS);
+    return sh;
+}
+
+template <int G>
+__device__ __forceinline__ void normal_task(const unsigned char* row, const uint4 (&o)[4], int task,
+                                            int kn, float clip, int qmax,
+                                            unsigned char* __restrict__ codes_row,
+                                            __half* __restrict__ scales_row) {
+    const int lane = threadIdx.x & 31;
+    const int c0 = task * WIDE_COLS + lane * 16;
+    __half2 p[8];
+    const float amax = gather_pairs<16>(row, o, p);
+    uint2 words;
+    const __half sh = normal_codes<G>(p, amax, clip, qmax, 1.0f / (float)qmax, words);
     if (c0 < kn) {
-        *reinterpret_cast<uint2*>(codes_row + c0 / 2) =
-            make_uint2(low_bytes(bytes[0], bytes[1], bytes[2], bytes[3]),
-                       low_bytes(bytes[4], bytes[5], bytes[6], bytes[7]));
-        if (lane % LPG == 0) scales_row[c0 / G] = sh;
+        *reinterpret_cast<uint2*>(codes_row + c0 / 2) = words;
+        if (lane % (G / 16) == 0) scales_row[c0 / G] = sh;
     }
 }
 
@@ -457,22 +493,29 @@ __device__ void wide_normal_task(const unsigned char* row, const uint4* table, i
 }
 
 // The outlier task: lane j takes outlier columns 8j..8j+7 (k <= 256), one INT8 scale a row.
+// outlier_codes quantizes the lane's gathered pairs: returns the scale; the 8 codes go to `words`.
+__device__ __forceinline__ __half outlier_codes(const __half2 (&p)[4], float amax, int k,
+                                                uint2& words) {
+    const bool active = (threadIdx.x & 31) * 8 < k;
+    amax = warp_max_nonneg(active ? amax : 0.f);
+    const __half sh = group_scale_rcp(amax, 1.0f, 127.0f, 1.0f / 127.0f);
+    const PairQuantizer quant(sh, 127, 0);
+    unsigned b[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) quant(p[j], b[2 * j], b[2 * j + 1]);
+    words = make_uint2(low_bytes(b[0], b[1], b[2], b[3]), low_bytes(b[4], b[5], b[6], b[7]));
+    return sh;
+}
+
 __device__ __forceinline__ void outlier_task(const unsigned char* row, const uint4 (&o)[2], int k,
                                              signed char* __restrict__ out_row,
                                              __half* __restrict__ oscale) {
     const int lane = threadIdx.x & 31;
-    const bool active = lane * 8 < k;
     __half2 p[4];
-    float amax = gather_pairs<8>(row, o, p);
-    amax = warp_max_nonneg(active ? amax : 0.f);
-    const __half sh = group_scale(amax, 1.0f, 127.0f);
-    const PairQuantizer quant(sh, 127);
-    unsigned b[8];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) quant(p[j], b[2 * j], b[2 * j + 1]);
-    if (active)
-        *reinterpret_cast<uint2*>(out_row + lane * 8) =
-            make_uint2(low_bytes(b[0], b[1], b[2], b[3]), low_bytes(b[4], b[5], b[6], b[7]));
+    const float amax = gather_pairs<8>(row, o, p);
+    uint2 words;
+    const __half sh = outlier_codes(p, amax, k, words);
+    if (lane * 8 < k) *reinterpret_cast<uint2*>(out_row + lane * 8) = words;
     if (lane == 0) *oscale = sh;
 }
 
@@ -600,6 +643,83 @@ __device__ __forceinline__ void task_offsets(const int* __restrict__ idx, int t,
     }
 }
 
+// The consumer loop of a warp that keeps one task (replica `replica`, nrows of the block's rows).
+// The replica's ring base is folded into the gather offsets once, so a buffer's address is the
+// same for every warp: the loop runs a trip count uniform over the block (the first replica's,
+// the largest), and ptxas keeps slot * row_bytes in a uniform register, read by each LDS as
+// [offset + UR] with no add an element. Output pointers advance by a fixed stride a row.
+template <int G>
+__device__ __forceinline__ void pipe_fixed_task(
+    const unsigned char* smem, unsigned full, unsigned empty, uint4 (&o)[4], int task, int replica,
+    int tasks, int kn, int k, float clip, int qmax, int nbuf, int nrows, int uniform_rows,
+    unsigned row_bytes, long long row_step, unsigned char* __restrict__ codes,
+    __half* __restrict__ scales, signed char* __restrict__ outlier, __half* __restrict__ oscales) {
+    const int lane = threadIdx.x & 31;
+    const unsigned ring = (unsigned)(replica * nbuf) * row_bytes;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) o[q] = make_uint4(o[q].x + ring, o[q].y + ring, o[q].z + ring,
+                                                 o[q].w + ring);
+    const long long m0 = blockIdx.x + (long long)replica * gridDim.x;
+    const bool normal = task < tasks;
+    const int c0 = task * WIDE_COLS + lane * 16;
+    const float rq = 1.0f / (float)qmax;
+    // normal task: this lane's 8 code bytes and its group's scale (one lane a group writes it);
+    // outlier task: its 8 INT8 codes and the row's scale (lane 0).
+    unsigned char* code_at = normal ? codes + m0 * (kn / 2) + c0 / 2
+                                    : reinterpret_cast<unsigned char*>(outlier + m0 * k + lane * 8);
+    __half* scale_at = normal ? scales + m0 * (kn / G) + c0 / G : oscales + m0;
+    const long long code_step = row_step * (normal ? kn / 2 : k);
+    const long long scale_step = row_step * (normal ? kn / G : 1);
+    // bit 0: store the codes, bit 1: store the scale; one register, pinned (ptxas otherwise
+    // recomputes both from the lane id every row)
+    unsigned stores = (normal ? c0 < kn : lane * 8 < k) ? 1u : 0u;
+    if (normal ? (c0 < kn && lane % (G / 16) == 0) : lane == 0) stores |= 2u;
+    asm volatile("" : "+r"(stores));
+    int slot = 0;
+    unsigned phase = 0;
+    for (int j = 0; j < uniform_rows; ++j) {
+        if (j < nrows) {
+            const unsigned full_b = full + 8 * (replica * nbuf + slot);
+            if (QUANT_PIPE_DIAG != 2 || j < nbuf) mbar_wait(full_b, phase);
+            const unsigned char* rb = smem + slot * row_bytes;
+            // Gather, give the buffer back, then quantize and store: the refill starts while
+            // this warp computes, and the proxy fence does not wait for the global stores.
+            __half2 p[8];
+            float amax = 0.f;
+            if (QUANT_PIPE_DIAG != 1) {
+                if (normal) {
+                    amax = gather_pairs<16>(rb, o, p);
+                } else if (k > 0) {
+                    const uint4 oo[2] = {o[0], o[1]};
+                    amax = gather_pairs<8>(rb, oo, p);
+                }
+            }
+            fence_proxy_async();  // this warp's reads of the buffer before the copy refilling it
+            __syncwarp();
+            if (lane == 0) mbar_arrive(full_b + (empty - full));
+            if (QUANT_PIPE_DIAG != 1) {
+                uint2 words;
+                __half sh;
+                if (normal) {
+                    sh = normal_codes<G>(p, amax, clip, qmax, rq, words);
+                } else if (k > 0) {
+                    sh = outlier_codes(*reinterpret_cast<const __half2(*)[4]>(p), amax, k, words);
+                } else {
+                    sh = __float2half_rn(1.0f);
+                }
+                if (stores & 1u) *reinterpret_cast<uint2*>(code_at) = words;
+                if (stores & 2u) *scale_at = sh;
+            }
+            code_at += code_step;
+            scale_at += scale_step;
+        }
+        if (++slot == nbuf) {
+            slot = 0;
+            phase ^= 1;
+        }
+    }
+}
+
 template <int G>
 __device__ void quantize_mixed_pipe(const __half* __restrict__ x, const int* __restrict__ idx,
                                     int K, int k, float clip, int qmax,
@@ -662,29 +782,29 @@ __device__ void quantize_mixed_pipe(const __half* __restrict__ x, const int* __r
         return;
     }
     if (fixed && warp >= R * row_tasks) return;  // the CW % row_tasks spare warps
-    auto run_task = [&](int t, const unsigned char* rb, long long m, const uint4 (&off)[4]) {
-        if (QUANT_PIPE_DIAG == 1) return;
-        if (t < tasks) {
-            normal_task<G>(rb, off, t, kn, clip, qmax, codes + m * (kn / 2), scales + m * ngroups);
-        } else if (k > 0) {
-            const uint4 oo[2] = {off[0], off[1]};
-            outlier_task(rb, oo, k, outlier + m * k, oscales + m);
-        } else if (lane == 0) {
-            oscales[m] = __float2half_rn(1.0f);
-        }
-    };
+    const long long row_step = (long long)R * gridDim.x;  // block rows between a replica's rows
+    if (fixed) {
+        pipe_fixed_task<G>(smem, full, empty, o, task, replica, tasks, kn, k, clip, qmax, nbuf,
+                           rows_of(replica), rows_of(0), row_bytes, row_step, codes, scales,
+                           outlier, oscales);
+        return;
+    }
     for (int j = 0, n = rows_of(replica); j < n; ++j) {
-        const int b = replica * nbuf + j % nbuf;
+        const int b = j % nbuf;
         if (QUANT_PIPE_DIAG != 2 || j < nbuf) mbar_wait(full + 8 * b, (j / nbuf) & 1);
-        const long long m = blockIdx.x + (long long)(replica + j * R) * gridDim.x;
+        const long long m = blockIdx.x + j * row_step;
         const unsigned char* rb = smem + (size_t)b * row_bytes;
-        if (fixed) {
-            run_task(task, rb, m, o);
-        } else {
-            for (int t = warp; t < row_tasks; t += CW) {
-                uint4 off[4] = {};
-                task_offsets(idx, t, tasks, kn, k, off);
-                run_task(t, rb, m, off);
+        for (int t = warp; t < row_tasks && QUANT_PIPE_DIAG != 1; t += CW) {
+            uint4 off[4] = {};
+            task_offsets(idx, t, tasks, kn, k, off);
+            if (t < tasks) {
+                normal_task<G>(rb, off, t, kn, clip, qmax, codes + m * (kn / 2),
+                               scales + m * ngroups);
+            } else if (k > 0) {
+                const uint4 oo[2] = {off[0], off[1]};
+                outlier_task(rb, oo, k, outlier + m * k, oscales + m);
+            } else if (lane == 0) {
+                oscales[m] = __float2half_rn(1.0f);
             }
         }
         fence_proxy_async();  // this warp's reads of the buffer before the copy that refills it

@@ -1451,3 +1451,85 @@ extern "C" __global__ void __launch_bounds__(3 * WG_THREADS, 1)
     fence_regs(d);
     peak_store(d, out);
 }
+
+// ------------------------------------------------------------------------- fold ceiling probe
+// Round 11 diagnostic: the wgmma rate left when every K-group of 128 is folded as this format
+// needs, with nothing else in the loop (operands resident in shared memory and registers, no
+// global traffic, no unpack): an upper bound for any kernel of the format on INT8 wgmma.
+// Each warpgroup issues the W4A4 kernel's m64n128k32 (A from registers) four k32 steps into a
+// fresh INT32 sum, waits, and folds its 64 accumulators as the kernel does: I2FP, FMUL (sa * sw),
+// FFMA, the group's scales read from shared memory (a thread's 32 column scales as 8 16-byte
+// words, its two row scales). With 2 or 3 warpgroups a SM, one folds while the others' wgmmas run.
+#define FOLD_SCALE_SETS 4  // scale sets cycled over the groups, so no load can leave the loop
+
+__device__ __forceinline__ const float* fold_probe_scales(unsigned char* tiles) {
+    // [set][4 quads][32] column scales, then [set][64] row scales
+    float* s = reinterpret_cast<float*>(tiles + PEAK_TILE_ROWS * 128);
+    for (int i = threadIdx.x; i < FOLD_SCALE_SETS * (128 + 64); i += blockDim.x)
+        s[i] = 1.0f + (float)(i % 97) * 1e-3f;
+    __syncthreads();
+    return s;
+}
+
+// PINGPONG (2 warpgroups): FlashAttention-3's schedule. Warpgroup w issues its wgmmas only after
+// the other one has issued its own (named barriers 1 + w), so the two groups queue back to back
+// on the tensor cores and one warpgroup folds while the other's group runs.
+template <int WGS, bool PINGPONG>
+__device__ __forceinline__ void fold_probe(const unsigned* __restrict__ seed, int iters,
+                                           float* __restrict__ out) {
+    unsigned char* t = peak_tiles(smem_raw, seed[0]);
+    const float* scales = fold_probe_scales(t);
+    const unsigned long long db = sw128_desc(smem_u32(t) + 64 * 128);
+    const int lane = threadIdx.x & 31, row = (threadIdx.x & 127) / 32 * 16 + lane / 4;
+    const unsigned s = seed[lane];
+    unsigned a[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[j][i] = s * (2u * (4 * j + i) + 3u);
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    int d[64];
+    const int wg = threadIdx.x / 128;
+    if (PINGPONG && wg == 1) asm volatile("bar.arrive 1, 256;" ::: "memory");  // warpgroup 0 first
+#pragma unroll 1
+    for (int it = 0; it < iters; ++it) {
+        if (PINGPONG) asm volatile("bar.sync %0, 256;" ::"r"(1 + wg) : "memory");
+        wg_fence();
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wgmma_rs(d, a[j], db + 2 * j, j);
+        wg_commit();
+        if (PINGPONG) asm volatile("bar.arrive %0, 256;" ::"r"(2 - wg) : "memory");
+        wg_wait0();
+        fence_regs(d);
+        const int set = it % FOLD_SCALE_SETS;
+        const float4* sw = reinterpret_cast<const float4*>(scales + set * 128 + (lane & 3) * 32);
+        const float sa0 = scales[FOLD_SCALE_SETS * 128 + set * 64 + row];
+        const float sa1 = scales[FOLD_SCALE_SETS * 128 + set * 64 + row + 8];
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {  // column octets 2q, 2q + 1
+            const float4 w = sw[q];
+            const float c[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const int i = 8 * q + e;  // element 4j + 2h + c: row r + 8h, column 8j + 2t + c
+                acc[i] = fmaf((float)d[i], ((e & 2) ? sa1 : sa0) * c[(e >> 2) * 2 + (e & 1)], acc[i]);
+            }
+        }
+    }
+    if (PINGPONG && wg == 0) asm volatile("bar.sync 1, 256;" ::: "memory");  // the last arrival
+    float total = 0.f;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) total += acc[i];
+    out[blockIdx.x * blockDim.x + threadIdx.x] = total;
+}
+
+#define DEFINE_FOLD_PROBE(NAME, WGS, PINGPONG)                                                  \
+    extern "C" __global__ void __launch_bounds__((WGS) * WG_THREADS, 1)                         \
+        NAME(const unsigned* __restrict__ seed, int iters, float* __restrict__ out) {          \
+        fold_probe<WGS, PINGPONG>(seed, iters, out);                                            \
+    }
+DEFINE_FOLD_PROBE(wgmma_fold_probe_wg2, 2, false)
+DEFINE_FOLD_PROBE(wgmma_fold_probe_wg3, 3, false)
+DEFINE_FOLD_PROBE(wgmma_fold_probe_pingpong, 2, true)

@@ -92,6 +92,72 @@ def test_fp16_quotients_need_one_residual_step():
     assert bad_plain > 0
 
 
+def _fp32_neighbours(x: torch.Tensor) -> torch.Tensor:
+    """x (float32) and the float32 values one ulp below and above it."""
+    bits = x.view(torch.int32)
+    return torch.stack([(bits - 1).view(torch.float32), x, (bits + 1).view(torch.float32)])
+
+
+def _snapped_codes(v: torch.Tensor, r: torch.Tensor, grid_base: float, bias: int) -> torch.Tensor:
+    """The wide / pipe kernels' rounding, emulated exactly: y = RN32(v * r + grid_base) (one FMA;
+    v * r + grid_base is exact in float64 for these operands), then RN32(y + 1.5 * 2^23 - grid_base
+    + bias); the code is the low mantissa bits minus the bias."""
+    y = (v.double() * r.double() + grid_base).float()
+    z = (y.double() + (12582912.0 - grid_base + bias)).float()
+    return z.view(torch.int32) - 0x4B400000 - bias
+
+
+@pytest.mark.parametrize("bias", [8, 0])
+def test_fma_snap_rounding_equals_rint_of_the_quotient(bias):
+    """PairQuantizer (kernels/quantize.cu) computes rint(v / s) for fp16 v, s as
+    RN(RN(v * r + 768) + 1.5 * 2^23 - 768 + bias), r being rcp.approx(s), which may be any float32
+    within one ulp of 1 / s. Checked for every fp16 scale significand, the three such r, and the
+    fp16 values v nearest each half-integer multiple t * s, |t| <= 128.5 (ties and near ties are
+    the only places where it could differ from torch.round(v / s)). A coarser grid (2^-6, base
+    12288 * 16) fails there: the grid must be finer than the 2^-13 gap between a quotient of fp16
+    values and a tie."""
+    s = (1.0 + torch.arange(1024, dtype=torch.float64) / 1024).half().float()  # scale is invariant
+    t = torch.arange(-128, 129, dtype=torch.float64) + 0.5
+    near = (t[:, None] * s.double()[None, :]).half()
+    step = torch.tensor([-2, -1, 0, 1, 2], dtype=torch.int16)
+    v = (near.view(torch.int16)[None] + step[:, None, None]).view(torch.float16).float()
+    v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+    ref = torch.round(v / s).to(torch.int32)  # float32 division, ties to even, as torch computes
+    for r in _fp32_neighbours((1.0 / s.double()).float()):
+        assert torch.equal(_snapped_codes(v, r, 768.0, bias), ref)
+    coarse = _snapped_codes(v, (1.0 / s.double()).float(), 12288.0 * 16, bias)
+    assert not torch.equal(coarse, ref)
+
+
+def _rn32_of_sum(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """RN32(x + y) for float64 x, y, exactly: the float64 sum hi and its error lo (Knuth's
+    TwoSum); lo only matters where hi lies exactly halfway between two float32 values."""
+    hi = x + y
+    yv = hi - x
+    lo = (x - (hi - yv)) + (y - yv)
+    near = hi.float()
+    gap = hi - near.double()
+    far = torch.nextafter(near, torch.where(gap > 0, torch.inf, -torch.inf).float())
+    halfway = (gap != 0) & (gap.abs() == (far.double() - hi).abs())
+    return torch.where(halfway & (lo != 0) & (torch.sign(lo) == torch.sign(gap)), far, near)
+
+
+@pytest.mark.parametrize("qmax", [1, 3, 7, 127])
+def test_scale_division_by_fma_is_correctly_rounded(qmax):
+    """group_scale_rcp (kernels/quantize.cu) divides a = absmax * clip by qmax as
+    q0 = RN(a * rq), RN(q0 + RN(a - q0 * qmax) * rq) with rq = RN(1 / qmax): equal to the IEEE
+    quotient for every float32 significand of a (the quotient scales exactly with a's exponent).
+    Without the residual step, q0 alone differs."""
+    a = (1.0 + torch.arange(1 << 23, dtype=torch.float64) / (1 << 23)).float()
+    rq = (torch.tensor(1.0) / qmax).double()
+    q0 = (a.double() * rq).float()  # the product is exact in float64: one rounding
+    res = (a.double() - q0.double() * qmax).float()  # FMA: exact, one rounding
+    q = _rn32_of_sum(q0.double(), res.double() * rq)  # FMA: res * rq exact in float64
+    ref = a / qmax  # IEEE float32 division
+    assert torch.equal(q, ref)
+    assert qmax == 1 or not torch.equal(q0, ref)
+
+
 def test_compile_cache_key_follows_the_local_headers(tmp_path):
     (tmp_path / "helpers.cuh").write_text("#define SCALE 1\n")
     (tmp_path / "k.cu").write_text('#include "helpers.cuh"\nextern "C" __global__ void k() {}\n')
@@ -140,10 +206,10 @@ def test_pipe_quantize_is_refused_clearly_where_it_cannot_run():
 def test_pipe_quantize_layout_fits_a_sm():
     # replicas of one warp a task of the row (normal tasks of 512 columns + the outlier block),
     # each with its own ring of staged rows
-    assert ko.pipe_layout(4096 - 128, 4096) == (27, 3, 3)  # 9 tasks
+    assert ko.pipe_layout(4096 - 128, 4096) == (27, 3, 2)  # 9 tasks
     assert ko.pipe_layout(1024 - 128, 1024) == (24, 8, 2)  # 3 tasks: 8 rings of 2 rows fill the bars
-    assert ko.pipe_layout(11008 - 128, 11008) == (23, 1, 8)  # 23 tasks
-    assert ko.pipe_layout(28672, 28800) == (ko.PIPE_MAX_WARPS, 1, 4)  # 57 tasks: several a warp
+    assert ko.pipe_layout(11008 - 128, 11008) == (23, 1, 3)  # 23 tasks
+    assert ko.pipe_layout(28672, 28800) == (ko.PIPE_MAX_WARPS, 1, 3)  # 57 tasks: several a warp
     for k_total in (1152, 4096, 11008, 28800):
         warps, replicas, staged = ko.pipe_layout(k_total - 128, k_total)
         assert staged >= 2 and replicas * staged <= ko.PIPE_MAX_BUFFERS and warps <= ko.PIPE_MAX_WARPS
