@@ -1399,6 +1399,14 @@ __device__ __forceinline__ unsigned char* peak_tiles(unsigned char* raw, unsigne
     return t;
 }
 
+// A fragments of the register-A peak loops: any non-zero values (timing does not depend on them).
+__device__ __forceinline__ void peak_fragments(unsigned (&a)[4][4], unsigned s) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[j][i] = s * (2u * (4 * j + i) + 3u);
+}
+
 template <int N>
 __device__ __forceinline__ void peak_store(const int (&d)[N], int* out) {
     int total = 0;
@@ -1431,12 +1439,8 @@ extern "C" __global__ void __launch_bounds__(3 * WG_THREADS, 1)
     wgmma_s8_peak_rs(const unsigned* __restrict__ seed, int iters, int* __restrict__ out) {
     const unsigned char* t = peak_tiles(smem_raw, seed[0]);
     const unsigned long long db = sw128_desc(smem_u32(t) + 64 * 128);
-    const unsigned s = seed[threadIdx.x & 31];
     unsigned a[4][4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) a[j][i] = s * (2u * (4 * j + i) + 3u);
+    peak_fragments(a, seed[threadIdx.x & 31]);
     int d[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) d[i] = 0;
@@ -1481,12 +1485,8 @@ __device__ __forceinline__ void fold_probe(const unsigned* __restrict__ seed, in
     const float* scales = fold_probe_scales(t);
     const unsigned long long db = sw128_desc(smem_u32(t) + 64 * 128);
     const int lane = threadIdx.x & 31, row = (threadIdx.x & 127) / 32 * 16 + lane / 4;
-    const unsigned s = seed[lane];
     unsigned a[4][4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) a[j][i] = s * (2u * (4 * j + i) + 3u);
+    peak_fragments(a, seed[lane]);
     float acc[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.f;
