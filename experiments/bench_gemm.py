@@ -414,7 +414,8 @@ def fold_ceiling(out: Path, iters: int = 2048) -> None:
     dev = torch.device("cuda", torch.cuda.current_device())
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     seed = torch.randint(1, 2**31 - 1, (32,), dtype=torch.int64, device=dev).to(torch.int32)
-    smem = (64 + 256) * 128 + 4 * (128 + 64) * 4 + 1024
+    scale_sets = 4  # FOLD_SCALE_SETS in the .cu file: [set][128] column and [set][64] row scales
+    smem = (64 + 256) * 128 + scale_sets * (128 + 64) * 4 + 1024
     rates = {"wgmma m64n256k32 (both from shared memory)": ko.wgmma_s8_peak_tops("ss"),
              "wgmma m64n128k32 (A from registers)": ko.wgmma_s8_peak_tops("rs")}
     probes = {"wgmma_fold_probe_wg2": (2, "2 warpgroups"), "wgmma_fold_probe_wg3": (3, "3 warpgroups"),

@@ -32,16 +32,11 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // Scale exactly as primitives.compute_scales: fp32 (absmax * clip) / qmax, clamp, round to fp16.
-__device__ __forceinline__ __half group_scale(float absmax, float clip, float qmax) {
-    float s = fmaxf(absmax * clip / qmax, MIN_SCALE);
-    return __float2half_rn(s);
-}
-
-// The same scale with the division by qmax done as q0 = a * rq, q0 + (a - q0 * qmax) * rq (two
-// FMAs, exact residual; rq = RN(1 / qmax)): by Markstein's theorem the correctly rounded a / qmax,
-// and checked for every fp32 significand of a and qmax in {1, 3, 7, 127}
-// (tests/test_kernels_gemm.py). It replaces a division subroutine with a slow-path branch.
-__device__ __forceinline__ __half group_scale_rcp(float absmax, float clip, float qmax, float rq) {
+// The division is q0 = a * rq, then q0 + (a - q0 * qmax) * rq (two FMAs, exact residual;
+// rq = RN(1 / qmax)): by Markstein's theorem the correctly rounded a / qmax, checked for every
+// fp32 significand of a and qmax in {1, 3, 7, 127} (tests/test_kernels_gemm.py). It replaces a
+// division subroutine with a slow-path branch; callers with a fixed qmax compute rq once.
+__device__ __forceinline__ __half group_scale(float absmax, float clip, float qmax, float rq) {
     const float a = absmax * clip;
     const float q0 = a * rq;
     const float q = fmaf(fmaf(-q0, qmax, a), rq, q0);
@@ -166,7 +161,7 @@ __device__ void quantize_group(const __half* row, const int* __restrict__ idx, f
         amax = fmaxf(amax, fabsf(v[e]));
     }
     amax = warp_max_nonneg(amax);
-    const __half sh = group_scale(amax, clip, (float)qmax);
+    const __half sh = group_scale(amax, clip, (float)qmax, 1.0f / (float)qmax);
     const float s = __half2float(sh), rcp = __frcp_rn(s);
     unsigned int packed = 0;
 #pragma unroll
@@ -200,7 +195,7 @@ __device__ void quantize_outliers(const __half* row, const int* __restrict__ idx
         }
     }
     amax = warp_max_nonneg(amax);
-    const __half sh = group_scale(amax, 1.0f, 127.0f);
+    const __half sh = group_scale(amax, 1.0f, 127.0f, 1.0f / 127.0f);
     const float s = __half2float(sh), rcp = __frcp_rn(s);
 #pragma unroll
     for (int i = 0; i < MAX_OUTLIERS_PER_LANE; ++i) {
@@ -451,7 +446,7 @@ __device__ __forceinline__ __half normal_codes(const __half2 (&p)[8], float amax
     constexpr int LPG = G / 16;
 #pragma unroll
     for (int d = LPG / 2; d >= 1; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
-    const __half sh = group_scale_rcp(amax, clip, (float)qmax, rq);
+    const __half sh = group_scale(amax, clip, (float)qmax, rq);
     const PairQuantizer quant(sh, qmax, NIBBLE_BIAS);
     unsigned bytes[8];
 #pragma unroll
@@ -494,11 +489,11 @@ __device__ void wide_normal_task(const unsigned char* row, const uint4* table, i
 
 // The outlier task: lane j takes outlier columns 8j..8j+7 (k <= 256), one INT8 scale a row.
 // outlier_codes quantizes the lane's gathered pairs: returns the scale; the 8 codes go to `words`.
-__device__ __forceinline__ __half outlier_codes(const __half2 (&p)[4], float amax, int k,
+__device__ __forceinline__ __half outlier_codes(const __half2* p, float amax, int k,
                                                 uint2& words) {
     const bool active = (threadIdx.x & 31) * 8 < k;
     amax = warp_max_nonneg(active ? amax : 0.f);
-    const __half sh = group_scale_rcp(amax, 1.0f, 127.0f, 1.0f / 127.0f);
+    const __half sh = group_scale(amax, 1.0f, 127.0f, 1.0f / 127.0f);
     const PairQuantizer quant(sh, 127, 0);
     unsigned b[8];
 #pragma unroll
@@ -644,14 +639,13 @@ __device__ __forceinline__ void task_offsets(const int* __restrict__ idx, int t,
 }
 
 // The consumer loop of a warp that keeps one task (replica `replica`, nrows of the block's rows).
-// The replica's ring base is folded into the gather offsets once, so a buffer's address is the
-// same for every warp: the loop runs a trip count uniform over the block (the first replica's,
-// the largest), and ptxas keeps slot * row_bytes in a uniform register, read by each LDS as
-// [offset + UR] with no add an element. Output pointers advance by a fixed stride a row.
+// The replica's ring base is folded into the gather offsets once; output pointers advance by a
+// fixed stride a row. (ptxas still adds slot * row_bytes to each offset, one add an element: it
+// keeps the slot in a vector register even with a block-uniform trip count; round 11 notes.)
 template <int G>
 __device__ __forceinline__ void pipe_fixed_task(
     const unsigned char* smem, unsigned full, unsigned empty, uint4 (&o)[4], int task, int replica,
-    int tasks, int kn, int k, float clip, int qmax, int nbuf, int nrows, int uniform_rows,
+    int tasks, int kn, int k, float clip, int qmax, int nbuf, int nrows,
     unsigned row_bytes, long long row_step, unsigned char* __restrict__ codes,
     __half* __restrict__ scales, signed char* __restrict__ outlier, __half* __restrict__ oscales) {
     const int lane = threadIdx.x & 31;
@@ -677,42 +671,40 @@ __device__ __forceinline__ void pipe_fixed_task(
     asm volatile("" : "+r"(stores));
     int slot = 0;
     unsigned phase = 0;
-    for (int j = 0; j < uniform_rows; ++j) {
-        if (j < nrows) {
-            const unsigned full_b = full + 8 * (replica * nbuf + slot);
-            if (QUANT_PIPE_DIAG != 2 || j < nbuf) mbar_wait(full_b, phase);
-            const unsigned char* rb = smem + slot * row_bytes;
-            // Gather, give the buffer back, then quantize and store: the refill starts while
-            // this warp computes, and the proxy fence does not wait for the global stores.
-            __half2 p[8];
-            float amax = 0.f;
-            if (QUANT_PIPE_DIAG != 1) {
-                if (normal) {
-                    amax = gather_pairs<16>(rb, o, p);
-                } else if (k > 0) {
-                    const uint4 oo[2] = {o[0], o[1]};
-                    amax = gather_pairs<8>(rb, oo, p);
-                }
+    for (int j = 0; j < nrows; ++j) {
+        const unsigned full_b = full + 8 * (replica * nbuf + slot);
+        if (QUANT_PIPE_DIAG != 2 || j < nbuf) mbar_wait(full_b, phase);
+        const unsigned char* rb = smem + slot * row_bytes;
+        // Gather, give the buffer back, then quantize and store: the refill starts while
+        // this warp computes, and the proxy fence does not wait for the global stores.
+        __half2 p[8];
+        float amax = 0.f;
+        if (QUANT_PIPE_DIAG != 1) {
+            if (normal) {
+                amax = gather_pairs<16>(rb, o, p);
+            } else if (k > 0) {
+                const uint4 oo[2] = {o[0], o[1]};
+                amax = gather_pairs<8>(rb, oo, p);
             }
-            fence_proxy_async();  // this warp's reads of the buffer before the copy refilling it
-            __syncwarp();
-            if (lane == 0) mbar_arrive(full_b + (empty - full));
-            if (QUANT_PIPE_DIAG != 1) {
-                uint2 words;
-                __half sh;
-                if (normal) {
-                    sh = normal_codes<G>(p, amax, clip, qmax, rq, words);
-                } else if (k > 0) {
-                    sh = outlier_codes(*reinterpret_cast<const __half2(*)[4]>(p), amax, k, words);
-                } else {
-                    sh = __float2half_rn(1.0f);
-                }
-                if (stores & 1u) *reinterpret_cast<uint2*>(code_at) = words;
-                if (stores & 2u) *scale_at = sh;
-            }
-            code_at += code_step;
-            scale_at += scale_step;
         }
+        fence_proxy_async();  // this warp's reads of the buffer before the copy refilling it
+        __syncwarp();
+        if (lane == 0) mbar_arrive(full_b + (empty - full));
+        if (QUANT_PIPE_DIAG != 1) {
+            uint2 words;
+            __half sh;
+            if (normal) {
+                sh = normal_codes<G>(p, amax, clip, qmax, rq, words);
+            } else if (k > 0) {
+                sh = outlier_codes(p, amax, k, words);
+            } else {
+                sh = __float2half_rn(1.0f);
+            }
+            if (stores & 1u) *reinterpret_cast<uint2*>(code_at) = words;
+            if (stores & 2u) *scale_at = sh;
+        }
+        code_at += code_step;
+        scale_at += scale_step;
         if (++slot == nbuf) {
             slot = 0;
             phase ^= 1;
@@ -785,7 +777,7 @@ __device__ void quantize_mixed_pipe(const __half* __restrict__ x, const int* __r
     const long long row_step = (long long)R * gridDim.x;  // block rows between a replica's rows
     if (fixed) {
         pipe_fixed_task<G>(smem, full, empty, o, task, replica, tasks, kn, k, clip, qmax, nbuf,
-                           rows_of(replica), rows_of(0), row_bytes, row_step, codes, scales,
+                           rows_of(replica), row_bytes, row_step, codes, scales,
                            outlier, oscales);
         return;
     }

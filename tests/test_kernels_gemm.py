@@ -144,7 +144,7 @@ def _rn32_of_sum(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("qmax", [1, 3, 7, 127])
 def test_scale_division_by_fma_is_correctly_rounded(qmax):
-    """group_scale_rcp (kernels/quantize.cu) divides a = absmax * clip by qmax as
+    """group_scale (kernels/quantize.cu) divides a = absmax * clip by qmax as
     q0 = RN(a * rq), RN(q0 + RN(a - q0 * qmax) * rq) with rq = RN(1 / qmax): equal to the IEEE
     quotient for every float32 significand of a (the quotient scales exactly with a's exponent).
     Without the residual step, q0 alone differs."""
