@@ -4,6 +4,7 @@
   python experiments/bench_attention.py --plot CSV       # anywhere: the PNG from a results CSV
   python experiments/bench_attention.py --ablate --out DIR   # kernel variants x key rows (GPU)
   python experiments/bench_attention.py --trace --out DIR    # per-CTA timelines of key rows (GPU)
+  python experiments/bench_attention.py --graph-trace --out DIR  # the same inside a CUDA graph
   python experiments/bench_attention.py --single gqa_32q_8kv 16 2048 kv4p 1   # a few calls of one
         row and build (split-K partitions S, 0 = planned), e.g. under ncu
 
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atom_lab import kv_kernels as kk  # noqa: E402
-from gpu_timing import time_graph  # noqa: E402  (experiments/ is on sys.path as the script folder)
+from gpu_timing import _capture, time_graph  # noqa: E402  (experiments/ is on sys.path)
 from atom_lab.formats import encode_kv, kv_bytes_per_token  # noqa: E402
 
 HEAD_DIM = 128
@@ -102,7 +103,8 @@ ABLATIONS = [
      None),
     ("kv4pw8 bulk copies, 3 stages", "paged", "kv4pw8", ("-DKV4M_NST=3",) + PAGED_ONLY, "ragged",
      None),
-    *[(f"{b} bulk copies, L2 evict-first", "paged", b, ("-DKV4P_EVICT_FIRST=1",) + PAGED_ONLY,
+    *[(f"{b} bulk copies, without the L2 evict-first policy (round 9)", "paged", b,
+       ("-DKV4P_EVICT_FIRST=0",) + PAGED_ONLY,
        "ragged", None) for b in ("kv4p", "kv4pw8")],
     ("diag: kv4p cp.async copies only (round 4)", "paged", "kv4p",
      ("-DKV4P_BULK=0", "-DKV4M_LOAD_ONLY=1") + PAGED_ONLY, "diag", (1,)),
@@ -152,11 +154,38 @@ ABLATIONS = [
        "read_bulk", "", ("-DBULK_NW=8", "-DBULK_NST=4", "-DBULK_CHUNK=2176",
                          f"-DBULK_SMEM={smem}"), "diag", (1,)) for n, smem in ((2, 100000),
                                                                               (1, 150000))],
+    # Round 10: the design's bound on GQA B16 L2048. The math kept, the merge gone (each warp
+    # stores its own partial), then also the table and the query load; and a grid that returns
+    # at entry (what a call costs before any work).
+    *[(f"diag: kv4pw8, no merge (each warp stores its own partial){what}", "paged", "kv4pw8",
+       ("-DKV4M_DIAG_RAW_STORE=1",) + flags + PAGED_ONLY, "diag", (1,)) for what, flags in (
+        ("", ()), (", without the table", ("-DKV4P_DIRECT=1",)),
+        (", without the table and the query load", ("-DKV4P_DIRECT=1", "-DKV4M_DIAG_NO_QUERY=1")))],
+    ("kv4pw8, the own-ring merge's loops rolled", "paged", "kv4pw8",
+     ("-DKV4M_MERGE_ROLLED=1",) + PAGED_ONLY, "ragged", None),
+    ("diag: kv4pw8, the own-ring partials written, one barrier, no merge", "paged", "kv4pw8",
+     ("-DKV4M_DIAG_RAW_STORE=3",) + PAGED_ONLY, "diag", (1,)),
+    ("diag: kv4pw8, the own-ring merge without weights and division", "paged", "kv4pw8",
+     ("-DKV4M_DIAG_MERGE_SUM=1",) + PAGED_ONLY, "diag", (1,)),
+    ("diag: kv4pw8, no merge, without the L2 evict-first policy", "paged", "kv4pw8",
+     ("-DKV4M_DIAG_RAW_STORE=1", "-DKV4P_EVICT_FIRST=0") + PAGED_ONLY, "diag", (1,)),
+    *[(f"{b}, the output's line prefetched into L2 at entry", "paged", b,
+       ("-DKV4M_OUT_PREFETCH=1",) + PAGED_ONLY, "ragged", None) for b in ("kv4p", "kv4pw8")],
+    ("diag: kv4pw8, no merge, the stores after one block barrier", "paged", "kv4pw8",
+     ("-DKV4M_DIAG_RAW_STORE=2",) + PAGED_ONLY, "diag", (1,)),
+    *[(f"{b}, round 9's merge (partials after a block barrier, merge_and_store)", "paged", b,
+       ("-DKV4M_OWN_RING_MERGE=0",) + PAGED_ONLY, "ragged", None) for b in ("kv4p", "kv4pw8")],
+    ("diag: kv4pw8 returning at entry (the grid's launch)", "paged", "kv4pw8",
+     ("-DKV4M_EMPTY=1",) + PAGED_ONLY, "diag", (1,)),
     ("paged kv4p, blocks position-major (tile, sequence, head)", "position", "kv4p", (), "ragged",
      None),
     ("paged kv4pw8, blocks position-major (tile, sequence, head)", "position", "kv4pw8", (),
      "ragged", None),
 ]
+# In-graph timelines (-DKV4M_TRACE=1, --graph-trace): (config, batch, context, build, options)
+GRAPH_TRACES = [("gqa_32q_8kv", 16, 2048, "kv4pw8", opts) for opts in (
+    (), ("-DKV4M_DIAG_RAW_STORE=2",), ("-DKV4M_DIAG_RAW_STORE=1",), ("-DKV4P_EVICT_FIRST=0",),
+    ("-DKV4P_EVICT_FIRST=0", "-DKV4M_DIAG_RAW_STORE=2"))]
 # (config, batch, context, split-K partition counts)
 ABLATION_ROWS = [("llama7b_mha", 16, 2048, (1,)), ("gqa_32q_8kv", 64, 2048, (1,)),
                  ("gqa_32q_8kv", 16, 8192, (1, 2)), ("gqa_32q_8kv", 64, 8192, (1,)),
@@ -170,7 +199,10 @@ TRACES = [("llama7b_mha", 16, 2048, "paged", "kv4p", 1, ()),
           ("gqa_32q_8kv", 16, 8192, "paged", "kv4p", 1, ()),
           ("gqa_32q_8kv", 16, 8192, "paged", "kv4pw8", 1, ()),
           ("gqa_32q_8kv", 16, 2048, "paged", "kv4pw8", 1, ()),
-          ("gqa_32q_8kv", 64, 8192, "paged", "kv4p", 1, ())]
+          ("gqa_32q_8kv", 64, 8192, "paged", "kv4p", 1, ()),
+          ("gqa_32q_8kv", 16, 2048, "paged", "kv4pw8", 1, ("-DKV4M_OWN_RING_MERGE=0",)),
+          ("gqa_32q_8kv", 16, 2048, "paged", "kv4pw8", 1, ("-DKV4M_DIAG_RAW_STORE=1",)),
+          ("gqa_32q_8kv", 16, 2048, "paged", "kv4pw8", 1, ("-DKV4M_DIAG_RAW_STORE=2",))]
 
 
 def log(msg: str) -> None:
@@ -698,9 +730,32 @@ def ablate(out_dir: Path, only: list[str] | None = None) -> None:
     log("\n".join(lines))
 
 
+def trace_buffers(opts: tuple) -> tuple:
+    """The trace build's device buffers: per-CTA stamps [2][5 * 65536] and per-warp loop ends
+    [2][16 * 65536] (by call parity), and the launch counter that sets the parity."""
+    from atom_lab.cuda import load_module
+    import cupy
+
+    mod = load_module("decode_attention", opts)
+    return tuple(cupy.ndarray((n,), dtype=dt, memptr=mod.get_global(name)) for name, n, dt in (
+        ("kv4m_trace", 2 * 5 * 65536, cupy.uint64),
+        ("kv4m_warp_trace", 2 * 16 * 65536, cupy.uint64), ("kv4m_entries", 1, cupy.uint32)))
+
+
+def traced_call(bufs, parity: int, ctas: int, build: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """One launch's stamps [ctas, 5] and, for the kv4m body, its warps' loop ends [ctas, warps]."""
+    import cupy
+
+    stamps, warp_stamps, _ = bufs
+    t = cupy.asnumpy(stamps[parity * 5 * 65536:][:5 * ctas]).reshape(ctas, 5).astype(np.int64)
+    if kk.BUILDS[build].layout != "kv4m":  # only that body marks its warps
+        return t, None
+    w = cupy.asnumpy(warp_stamps[parity * 16 * 65536:][:16 * ctas]).reshape(ctas, 16)
+    return t, w[:, :kk.BUILDS[build].warps].astype(np.int64)
+
+
 def trace(out_dir: Path) -> None:
     """Per-CTA timelines (%globaltimer, SM id) of one call for each TRACES entry."""
-    from atom_lab.cuda import load_module
     import cupy
 
     summaries = []
@@ -716,21 +771,76 @@ def trace(out_dir: Path) -> None:
         call()
         call()
         torch.cuda.synchronize()
-        ptr = load_module("decode_attention", opts).get_global("kv4m_trace")
-        buf = cupy.ndarray((5 * 65536,), dtype=cupy.uint64, memptr=ptr)
-        buf.fill(0)
+        bufs = trace_buffers(opts)
+        for b in bufs:
+            b.fill(0)
         cupy.cuda.Device().synchronize()
-        call()
+        call()  # launch 0: parity 0
         torch.cuda.synchronize()
         ctas = plan.splits * B * hkv * (-(-(hq // hkv) // kk.HEADS_PER_CTA))
-        t = cupy.asnumpy(buf[:5 * ctas]).reshape(ctas, 5).astype(np.int64)
-        summaries.append(summarize_trace(t, dict(config=config, batch=B, context=L, cache=layout,
-                                                 build=build, splits=plan.splits,
-                                                 options=" ".join(extra),
-                                                 MB=B * hkv * L * (HEAD_DIM + 8) / 1e6)))
+        t, w = traced_call(bufs, 0, ctas, build)
+        info = dict(config=config, batch=B, context=L, cache=layout, build=build,
+                    splits=plan.splits, options=" ".join(extra),
+                    MB=B * hkv * L * (HEAD_DIM + 8) / 1e6)
+        summaries.append(summarize_trace(t, info) | (warp_trace_stats(t, w) if w is not None
+                                                     else {}))
         log(f"  trace {summaries[-1]}")
     torch.cuda.empty_cache()
     (out_dir / "attention_trace.json").write_text(json.dumps(summaries, indent=1))
+
+
+def graph_trace(out_dir: Path) -> None:
+    """The timelines of the last two calls of a graph of back-to-back calls on rotating inputs
+    (as the benchmark times them), for each GRAPH_TRACES entry: the last call's phases, and the
+    gap between the previous call's last CTA and the last call's first."""
+    import cupy
+
+    summaries = []
+    for config, B, L, build, extra in GRAPH_TRACES:
+        _, hq, hkv = next(c for c in CONFIGS if c[0] == config)
+        opts = ("-DKV4M_TRACE=1",) + tuple(extra)
+        cache_kv4 = B * hkv * L * (HEAD_DIM // 2 + 4) * 2
+        sets = [make_set(B, hq, hkv, L, HEAD_DIM)
+                for _ in range(max(1, min(256, math.ceil(ROTATE_BYTES / cache_kv4))))]
+        for s in sets:
+            s["cache"].append(s["k"], s["v"])
+        plan = split_plan(L, 1, build)
+        calls = [lambda s=s: decode(s, "paged", L, plan, s["out4"], opts) for s in sets] * 2
+        graph = _capture(calls, 4)  # 8 x sets calls: an even count, the last one odd
+        graph.replay()
+        torch.cuda.synchronize()
+        bufs = trace_buffers(opts)
+        for b in bufs:
+            b.fill(0)
+        cupy.cuda.Device().synchronize()
+        graph.replay()
+        torch.cuda.synchronize()
+        ctas = B * hkv * (-(-(hq // hkv) // kk.HEADS_PER_CTA))
+        (t0, _), (t1, w1) = (traced_call(bufs, p, ctas, build) for p in (0, 1))
+        info = dict(config=config, batch=B, context=L, build=build, options=" ".join(extra),
+                    calls=8 * len(sets), MB=cache_kv4 / 1e6)
+        row = summarize_trace(t1, info) | warp_trace_stats(t1, w1)
+        row.update(gap_from_previous_us=round(float(t1[:, 0].min() - t0[:, 3].max()) / 1e3, 2),
+                   period_us=round(float(t1[:, 3].max() - t0[:, 3].max()) / 1e3, 2))
+        summaries.append(row)
+        log(f"  graph trace {row}")
+        del graph, sets
+        torch.cuda.empty_cache()
+    (out_dir / "attention_graph_trace.json").write_text(json.dumps(summaries, indent=1))
+
+
+def warp_trace_stats(t: np.ndarray, w: np.ndarray) -> dict:
+    """Per CTA, from each warp's loop end w [ctas, warps] (ns): how far apart its warps finish
+    the loop and how long the CTA runs after its slowest warp's loop (us, percentiles over CTAs)."""
+    spread = (w.max(1) - w.min(1)) / 1e3
+    after = (t[:, 3] - w.max(1)) / 1e3
+    last = (w.max(1) - t[:, 0].min()) / 1e3
+
+    def q(x, p):
+        return round(float(np.percentile(x, p)), 2)
+    return dict(warp_loop_spread_p50=q(spread, 50), warp_loop_spread_max=q(spread, 100),
+                after_last_warp_p50=q(after, 50), after_last_warp_max=q(after, 100),
+                last_warp_loop_end_p50=q(last, 50), last_warp_loop_end_max=q(last, 100))
 
 
 def summarize_trace(t: np.ndarray, info: dict) -> dict:
@@ -783,11 +893,15 @@ def main() -> int:
     ap.add_argument("--variants", nargs="*",
                     help="--ablate: only labels containing one of these (=LABEL: exactly LABEL)")
     ap.add_argument("--trace", action="store_true", help="only the per-CTA timelines")
+    ap.add_argument("--graph-trace", action="store_true",
+                    help="only the timelines of calls inside a CUDA graph (GRAPH_TRACES)")
     args = ap.parse_args()
-    if args.ablate or args.trace:
+    if args.ablate or args.trace or args.graph_trace:
         args.out.mkdir(parents=True, exist_ok=True)
         if args.trace:
             trace(args.out)
+        if args.graph_trace:
+            graph_trace(args.out)
         if args.ablate:
             ablate(args.out, args.variants)
         return 0

@@ -68,28 +68,51 @@
 
 // Diagnostic timeline (-DKV4M_TRACE=1): thread 0 of each CTA stores %globaltimer at entry (0),
 // at the start of the tile loop (1), once every warp is done with it (2) and at exit (3), and
-// its SM id (4), into kv4m_trace[5 * linear CTA index + slot].
+// its SM id (4), into kv4m_trace[call parity][5 * linear CTA index + slot]. The call parity
+// alternates from launch to launch (counted from kv4m_entries, which a host resets), so the
+// last two calls of a graph replay can both be read.
 #ifndef KV4M_TRACE
 #define KV4M_TRACE 0
 #endif
 #if KV4M_TRACE
-__device__ unsigned long long kv4m_trace[5 * 65536];
+__device__ unsigned long long kv4m_trace[2 * 5 * 65536];
+__device__ unsigned long long kv4m_warp_trace[2 * 16 * 65536];
+__device__ unsigned kv4m_entries;
+__shared__ unsigned kv4m_parity;
+__device__ __forceinline__ unsigned trace_cta() {
+    return blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+}
 __device__ __forceinline__ void trace_mark(int slot) {
     if (threadIdx.x != 0) return;
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    const unsigned cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    const unsigned cta = trace_cta();
+    if (slot == 0)  // a launch's CTAs all count before the next launch's (stream order)
+        kv4m_parity = atomicAdd(&kv4m_entries, 1u) / (gridDim.x * gridDim.y * gridDim.z) & 1;
     if (cta >= 65536) return;
-    kv4m_trace[5 * cta + slot] = t;
+    unsigned long long* row = kv4m_trace + kv4m_parity * 5 * 65536 + 5 * cta;
+    row[slot] = t;
     if (slot == 0) {
         unsigned sm;
         asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-        kv4m_trace[5 * cta + 4] = sm;
+        row[4] = sm;
     }
 }
+// And each warp's end of its tile loop (its copies drained): kv4m_warp_trace[parity][16 * CTA +
+// warp] (kv4m_parity was set before the block barrier that precedes every tile loop).
+__device__ __forceinline__ void trace_warp_mark() {
+    if (threadIdx.x % 32 != 0) return;
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    const unsigned cta = trace_cta();
+    if (cta < 65536 && threadIdx.x / 32 < 16)
+        kv4m_warp_trace[kv4m_parity * 16 * 65536 + 16 * cta + threadIdx.x / 32] = t;
+}
 #define TRACE_MARK(slot) trace_mark(slot)
+#define TRACE_WARP() trace_warp_mark()
 #else
 #define TRACE_MARK(slot)
+#define TRACE_WARP()
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -387,6 +410,47 @@ __device__ __forceinline__ void merge_and_store(float* s_o, int nheads, int nspl
         out[(head_row0 + h) * D + d] = float_to_half((acc0 + acc1) + (acc2 + acc3));
     }
     if (tid == 0) tickets[ticket] = 0;
+}
+
+// One partition, no cluster (round 10): each warp has left its partial in its own ring
+// ([8][OS] output pairs, then its max [8] and sum [8]; warps WS floats apart) as soon as its
+// tiles were in, not after a block barrier. After one barrier each thread merges output pairs
+// of one head from all warps' partials, with the head's warp weights computed by itself: no
+// serial step and no further barrier. The same operations in the same order as
+// merge_and_store's LEAN path, so the same bits.
+#ifndef KV4M_DIAG_MERGE_SUM
+#define KV4M_DIAG_MERGE_SUM 0  // diagnostic: the own-ring merge's reads and sums, no weights, no
+#endif                         // division (wrong output)
+#ifndef KV4M_MERGE_ROLLED
+#define KV4M_MERGE_ROLLED 0  // 1: the merge's loops over the warps not unrolled (less code)
+#endif
+template <int D, int NW, int WS, int OS>
+__device__ __forceinline__ void merge_own_rings(const float* part, int nheads, long long head_row0,
+                                                u16* __restrict__ out) {
+    constexpr int UNROLL = KV4M_MERGE_ROLLED ? 1 : NW;
+    __syncthreads();
+    for (int p = threadIdx.x; p < nheads * D / 2; p += NW * 32) {
+        const int h = p / (D / 2), d = 2 * (p % (D / 2));
+        float mx = NEG_BIG;
+#pragma unroll UNROLL
+        for (int w = 0; w < NW; ++w) mx = fmaxf(mx, part[w * WS + 8 * OS + h]);
+        float sum = 0.f, acc0 = 0.f, acc1 = 0.f;
+#pragma unroll UNROLL
+        for (int w = 0; w < NW; ++w) {
+            const float* pw = part + w * WS;
+            const float f = KV4M_DIAG_MERGE_SUM ? 1.f : fast_exp2(pw[8 * OS + h] - mx);
+            sum += f * pw[8 * OS + HEADS_PER_CTA + h];
+            const float2 x = *reinterpret_cast<const float2*>(pw + h * OS + d);
+            acc0 += f * x.x;
+            acc1 += f * x.y;
+        }
+        const bool any = sum > 0.f;
+        const u32 pair = KV4M_DIAG_MERGE_SUM
+                             ? pack_half2(acc0, acc1)
+                             : float_to_half(any ? acc0 / sum : 0.f) |
+                                   (u32)float_to_half(any ? acc1 / sum : 0.f) << 16;
+        *reinterpret_cast<u32*>(out + (head_row0 + h) * D + d) = pair;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -815,6 +879,17 @@ __device__ __forceinline__ void decode_attention(
 #ifndef KV4M_DIAG_STORE_ONLY
 #define KV4M_DIAG_STORE_ONLY 0  // diagnostic (paged builds): once drained, store zeros and return
 #endif
+#ifndef KV4M_OWN_RING_MERGE
+#define KV4M_OWN_RING_MERGE 1  // one partition, no cluster: the warps' partials merged from their
+#endif                         // own rings (merge_own_rings; 0: merge_and_store's path)
+#ifndef KV4M_OUT_PREFETCH
+#define KV4M_OUT_PREFETCH 0  // 1: the CTA's output line prefetched into L2 at entry
+#endif
+#ifndef KV4M_DIAG_RAW_STORE
+#define KV4M_DIAG_RAW_STORE 0   // diagnostic (paged builds): no merge; each warp stores its own
+#endif                          // normalized partial (racy, wrong output: the math kept, the
+                                // merge's cost gone); 2: the same after one block barrier;
+                                // 3: the own-ring partials written first, then as 2
 #ifndef KV4M_EMPTY
 #define KV4M_EMPTY 0     // diagnostic: return at entry (the cost of launching the grid)
 #endif
@@ -854,8 +929,11 @@ __device__ __forceinline__ void cp_async16_full_pf(u32 dst, const void* src) {
 #ifndef KV4P_BULK
 #define KV4P_BULK 1
 #endif
+// The bulk copies carry an L2 evict-first policy (the cache is read once a call). Measured on the
+// H100 in round 10: kv4pw8 0.7-0.9 us faster on the 36 MB row, 0.4-2.6% on the others (round 5's
+// kernel: mixed). 0: the default policy.
 #ifndef KV4P_EVICT_FIRST
-#define KV4P_EVICT_FIRST 0  // 1: the bulk copies carry an L2 evict-first policy (read-once data)
+#define KV4P_EVICT_FIRST 1
 #endif
 // One block into its ring stage: the barrier's arrival expecting its bytes, then the bulk copy.
 __device__ __forceinline__ void bulk_copy_block(u32 dst, const void* src, u32 bytes, u32 bar) {
@@ -952,6 +1030,8 @@ __device__ __forceinline__ void decode_kv4m(
     const int stop = min(start + chunk, capacity);  // the prefetch's bound, known without len
     const int max_blocks = capacity / TILE;
     const int* table_row = block_table + ((long long)b * kv_heads + kvh) * max_blocks;
+    if (KV4M_OUT_PREFETCH && threadIdx.x == 0)  // (its page's translation, long before the stores)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(out + ((long long)b * q_heads + head0) * D));
     if constexpr (EARLY) {
         pdl_launch_dependents();
         prefetch_first_blocks<D, NW>(k, table_row, start / TILE, (stop + TILE - 1) / TILE,
@@ -1119,6 +1199,11 @@ __device__ __forceinline__ void decode_kv4m(
     const int end = min(start + chunk, len);
     const int ntiles = end > start ? (end - start + TILE - 1) / TILE : 0;
     const int mine = ntiles > warp ? (ntiles - warp + NW - 1) / NW : 0;
+    // The own-ring merge (see the epilogue) needs a ring to hold a warp's partial, its maxima
+    // and its sums; it serves one partition outside a cluster.
+    constexpr int WS = NST * F::STAGE / 4;
+    const bool own_merge = KV4M_OWN_RING_MERGE && WS >= HEADS_PER_CTA * (OS + 2) &&
+                           KV4M_DIAG_EPI_REPS == 1 && nsplit_b == 1 && cluster_ctas() == 1;
     if (!(PAGED && KV4M_DIAG_NO_QUERY)) {
         cp_async_wait<NST - 1>();  // the query
         __syncthreads();
@@ -1379,8 +1464,28 @@ __device__ __forceinline__ void decode_kv4m(
 #endif
     cp_async_wait<0>();
     bulk_drain();
+    TRACE_WARP();
     if (PAGED && KV4M_DIAG_NO_EPILOGUE) {
         if (KV4M_LOAD_ONLY && l0 == 1.f) out[0] = 0;  // keeps the copies-only reads of the stages
+        return;
+    }
+    auto store_own_partial = [&]() {  // (diagnostic: racy, the warps' partials not merged)
+        u16* dst = out + ((long long)b * q_heads + head0) * D;
+        const float r0 = 1.f / l0, r1 = 1.f / l1;  // (this warp's own sums)
+#pragma unroll
+        for (int mt = 0; mt < F::MT; ++mt) {
+            const int d = 32 * (mt >> 1) + 4 * gid + 2 * (mt & 1);
+            if (2 * tig < nheads)
+                *reinterpret_cast<u32*>(dst + (2 * tig) * D + d) =
+                    pack_half2(o[mt][0] * r0, o[mt][2] * 0.0625f * r0);
+            if (2 * tig + 1 < nheads)
+                *reinterpret_cast<u32*>(dst + (2 * tig + 1) * D + d) =
+                    pack_half2(o[mt][1] * r1, o[mt][3] * 0.0625f * r1);
+        }
+    };
+    if (PAGED && (KV4M_DIAG_RAW_STORE == 1 || KV4M_DIAG_RAW_STORE == 2)) {
+        if (KV4M_DIAG_RAW_STORE == 2) __syncthreads();  // (the wait for the slowest warp alone)
+        store_own_partial();
         return;
     }
     if (PAGED && KV4M_DIAG_STORE_ONLY) {  // the output's stores without the warps' merge
@@ -1393,6 +1498,35 @@ __device__ __forceinline__ void decode_kv4m(
     for (int off = 4; off < 32; off <<= 1) {
         l0 += __shfl_xor_sync(0xffffffffu, l0, off);
         l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
+    if (__builtin_expect(own_merge, 1)) {  // (laid out right after the loop)
+        float* mine = reinterpret_cast<float*>(rings) + warp * WS;  // its copies have all landed
+#pragma unroll
+        for (int mt = 0; mt < F::MT; ++mt) {
+            const int d = 32 * (mt >> 1) + 4 * gid + 2 * (mt & 1);
+            if (2 * tig < nheads)
+                *reinterpret_cast<float2*>(mine + (2 * tig) * OS + d) =
+                    make_float2(o[mt][0], o[mt][2] * 0.0625f);
+            if (2 * tig + 1 < nheads)
+                *reinterpret_cast<float2*>(mine + (2 * tig + 1) * OS + d) =
+                    make_float2(o[mt][1], o[mt][3] * 0.0625f);
+        }
+        if (gid == 0) {
+            float* ml = mine + HEADS_PER_CTA * OS;
+            ml[2 * tig] = m0;
+            ml[2 * tig + 1] = m1;
+            ml[HEADS_PER_CTA + 2 * tig] = l0;
+            ml[HEADS_PER_CTA + 2 * tig + 1] = l1;
+        }
+        TRACE_MARK(2);
+        if (PAGED && KV4M_DIAG_RAW_STORE == 3) {  // the partials written, the barrier, no merge
+            __syncthreads();
+            store_own_partial();
+            return;
+        }
+        merge_own_rings<D, NW, WS, OS>(reinterpret_cast<const float*>(rings), nheads,
+                                       (long long)b * q_heads + head0, out);
+        return;
     }
     __syncthreads();  // every warp is done with its ring: reuse them for the merge
     TRACE_MARK(2);
