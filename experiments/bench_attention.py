@@ -350,6 +350,17 @@ def check_correctness() -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 # One benchmark row
 
+def rotating_sets(B, Hq, Hkv, L) -> list[dict]:
+    """Sets with their caches filled, enough that calls rotating through them read more than the
+    L2 holds (as the timed calls do)."""
+    cache_kv4 = B * Hkv * L * (HEAD_DIM // 2 + 4) * 2
+    sets = [make_set(B, Hq, Hkv, L, HEAD_DIM)
+            for _ in range(max(1, min(256, math.ceil(ROTATE_BYTES / cache_kv4))))]
+    for s in sets:
+        s["cache"].append(s["k"], s["v"])
+    return sets
+
+
 def make_set(B, Hq, Hkv, L, D):
     k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.float16)
     v = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.float16)
@@ -675,10 +686,8 @@ def ablate(out_dir: Path, only: list[str] | None = None) -> None:
     for config, B, L, row_splits in ABLATION_ROWS:
         _, hq, hkv = next(c for c in CONFIGS if c[0] == config)
         cache_kv4 = B * hkv * L * (HEAD_DIM // 2 + 4) * 2
-        sets = [make_set(B, hq, hkv, L, HEAD_DIM)
-                for _ in range(max(1, min(256, math.ceil(ROTATE_BYTES / cache_kv4))))]
+        sets = rotating_sets(B, hq, hkv, L)
         for s in sets:
-            s["cache"].append(s["k"], s["v"])
             for layout in ("old", "shuffled", "position"):
                 layout_args(s, layout)
         s0 = sets[0]
@@ -800,10 +809,7 @@ def graph_trace(out_dir: Path) -> None:
         _, hq, hkv = next(c for c in CONFIGS if c[0] == config)
         opts = ("-DKV4M_TRACE=1",) + tuple(extra)
         cache_kv4 = B * hkv * L * (HEAD_DIM // 2 + 4) * 2
-        sets = [make_set(B, hq, hkv, L, HEAD_DIM)
-                for _ in range(max(1, min(256, math.ceil(ROTATE_BYTES / cache_kv4))))]
-        for s in sets:
-            s["cache"].append(s["k"], s["v"])
+        sets = rotating_sets(B, hq, hkv, L)
         plan = split_plan(L, 1, build)
         calls = [lambda s=s: decode(s, "paged", L, plan, s["out4"], opts) for s in sets] * 2
         graph = _capture(calls, 4)  # 8 x sets calls: an even count, the last one odd

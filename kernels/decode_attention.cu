@@ -433,13 +433,14 @@ __device__ __forceinline__ void merge_own_rings(const float* part, int nheads, l
         const int h = p / (D / 2), d = 2 * (p % (D / 2));
         float mx = NEG_BIG;
 #pragma unroll UNROLL
-        for (int w = 0; w < NW; ++w) mx = fmaxf(mx, part[w * WS + 8 * OS + h]);
+        for (int w = 0; w < NW; ++w) mx = fmaxf(mx, part[w * WS + HEADS_PER_CTA * OS + h]);
         float sum = 0.f, acc0 = 0.f, acc1 = 0.f;
 #pragma unroll UNROLL
         for (int w = 0; w < NW; ++w) {
             const float* pw = part + w * WS;
-            const float f = KV4M_DIAG_MERGE_SUM ? 1.f : fast_exp2(pw[8 * OS + h] - mx);
-            sum += f * pw[8 * OS + HEADS_PER_CTA + h];
+            const float m = pw[HEADS_PER_CTA * OS + h];
+            const float f = KV4M_DIAG_MERGE_SUM ? 1.f : fast_exp2(m - mx);
+            sum += f * pw[HEADS_PER_CTA * (OS + 1) + h];
             const float2 x = *reinterpret_cast<const float2*>(pw + h * OS + d);
             acc0 += f * x.x;
             acc1 += f * x.y;
@@ -881,7 +882,8 @@ __device__ __forceinline__ void decode_attention(
 #endif
 #ifndef KV4M_OWN_RING_MERGE
 #define KV4M_OWN_RING_MERGE 1  // one partition, no cluster: the warps' partials merged from their
-#endif                         // own rings (merge_own_rings; 0: merge_and_store's path)
+#endif                         // own rings (merge_own_rings; 0, or KV4M_LEAN_MERGE=0:
+                               // merge_and_store's path)
 #ifndef KV4M_OUT_PREFETCH
 #define KV4M_OUT_PREFETCH 0  // 1: the CTA's output line prefetched into L2 at entry
 #endif
@@ -1202,8 +1204,9 @@ __device__ __forceinline__ void decode_kv4m(
     // The own-ring merge (see the epilogue) needs a ring to hold a warp's partial, its maxima
     // and its sums; it serves one partition outside a cluster.
     constexpr int WS = NST * F::STAGE / 4;
-    const bool own_merge = KV4M_OWN_RING_MERGE && WS >= HEADS_PER_CTA * (OS + 2) &&
-                           KV4M_DIAG_EPI_REPS == 1 && nsplit_b == 1 && cluster_ctas() == 1;
+    const bool own_merge = KV4M_OWN_RING_MERGE && KV4M_LEAN_MERGE &&
+                           WS >= HEADS_PER_CTA * (OS + 2) && KV4M_DIAG_EPI_REPS == 1 &&
+                           nsplit_b == 1 && cluster_ctas() == 1;
     if (!(PAGED && KV4M_DIAG_NO_QUERY)) {
         cp_async_wait<NST - 1>();  // the query
         __syncthreads();
@@ -1499,25 +1502,37 @@ __device__ __forceinline__ void decode_kv4m(
         l0 += __shfl_xor_sync(0xffffffffu, l0, off);
         l1 += __shfl_xor_sync(0xffffffffu, l1, off);
     }
-    if (__builtin_expect(own_merge, 1)) {  // (laid out right after the loop)
-        float* mine = reinterpret_cast<float*>(rings) + warp * WS;  // its copies have all landed
+    // This warp's partial: its output [8][OS] at o_dst (LEAN: the real heads only, as float
+    // pairs), its maxima and sums at m_dst[8] and l_dst[8].
+    auto write_partial = [&](float* o_dst, float* m_dst, float* l_dst) {
+        // m-tile 2 c + h: rows gid hold d = 32 c + 4 gid + 2 h, rows gid + 8 hold d + 1 (x16).
 #pragma unroll
         for (int mt = 0; mt < F::MT; ++mt) {
             const int d = 32 * (mt >> 1) + 4 * gid + 2 * (mt & 1);
-            if (2 * tig < nheads)
-                *reinterpret_cast<float2*>(mine + (2 * tig) * OS + d) =
-                    make_float2(o[mt][0], o[mt][2] * 0.0625f);
-            if (2 * tig + 1 < nheads)
-                *reinterpret_cast<float2*>(mine + (2 * tig + 1) * OS + d) =
-                    make_float2(o[mt][1], o[mt][3] * 0.0625f);
+            if (KV4M_LEAN_MERGE) {
+                if (2 * tig < nheads)
+                    *reinterpret_cast<float2*>(o_dst + (2 * tig) * OS + d) =
+                        make_float2(o[mt][0], o[mt][2] * 0.0625f);
+                if (2 * tig + 1 < nheads)
+                    *reinterpret_cast<float2*>(o_dst + (2 * tig + 1) * OS + d) =
+                        make_float2(o[mt][1], o[mt][3] * 0.0625f);
+            } else {
+                o_dst[(2 * tig) * D + d] = o[mt][0];
+                o_dst[(2 * tig + 1) * D + d] = o[mt][1];
+                o_dst[(2 * tig) * D + d + 1] = o[mt][2] * 0.0625f;
+                o_dst[(2 * tig + 1) * D + d + 1] = o[mt][3] * 0.0625f;
+            }
         }
         if (gid == 0) {
-            float* ml = mine + HEADS_PER_CTA * OS;
-            ml[2 * tig] = m0;
-            ml[2 * tig + 1] = m1;
-            ml[HEADS_PER_CTA + 2 * tig] = l0;
-            ml[HEADS_PER_CTA + 2 * tig + 1] = l1;
+            m_dst[2 * tig] = m0;
+            m_dst[2 * tig + 1] = m1;
+            l_dst[2 * tig] = l0;
+            l_dst[2 * tig + 1] = l1;
         }
+    };
+    if (__builtin_expect(own_merge, 1)) {  // (laid out right after the loop)
+        float* mine = reinterpret_cast<float*>(rings) + warp * WS;  // its copies have all landed
+        write_partial(mine, mine + HEADS_PER_CTA * OS, mine + HEADS_PER_CTA * (OS + 1));
         TRACE_MARK(2);
         if (PAGED && KV4M_DIAG_RAW_STORE == 3) {  // the partials written, the barrier, no merge
             __syncthreads();
@@ -1536,33 +1551,10 @@ __device__ __forceinline__ void decode_kv4m(
 #pragma unroll 1
     for (int rep = 0; rep < KV4M_DIAG_EPI_REPS; ++rep) {  // (diagnostic; 1 by default)
         if (rep) __syncthreads();
-        float* mine_o = s_o + warp * HEADS_PER_CTA * OS;
-        // m-tile 2 c + h: rows gid hold d = 32 c + 4 gid + 2 h, rows gid + 8 hold d + 1 (x16).
-#pragma unroll
-        for (int mt = 0; mt < F::MT; ++mt) {
-            const int d = 32 * (mt >> 1) + 4 * gid + 2 * (mt & 1);
-            if (KV4M_LEAN_MERGE) {
-                if (2 * tig < nheads)
-                    *reinterpret_cast<float2*>(mine_o + (2 * tig) * OS + d) =
-                        make_float2(o[mt][0], o[mt][2] * 0.0625f);
-                if (2 * tig + 1 < nheads)
-                    *reinterpret_cast<float2*>(mine_o + (2 * tig + 1) * OS + d) =
-                        make_float2(o[mt][1], o[mt][3] * 0.0625f);
-            } else {
-                mine_o[(2 * tig) * D + d] = o[mt][0];
-                mine_o[(2 * tig + 1) * D + d] = o[mt][1];
-                mine_o[(2 * tig) * D + d + 1] = o[mt][2] * 0.0625f;
-                mine_o[(2 * tig + 1) * D + d + 1] = o[mt][3] * 0.0625f;
-            }
-        }
         float* s_m = s_o + NW * HEADS_PER_CTA * OS;
         float* s_l = s_m + NW * HEADS_PER_CTA;
-        if (gid == 0) {
-            s_m[warp * HEADS_PER_CTA + 2 * tig] = m0;
-            s_m[warp * HEADS_PER_CTA + 2 * tig + 1] = m1;
-            s_l[warp * HEADS_PER_CTA + 2 * tig] = l0;
-            s_l[warp * HEADS_PER_CTA + 2 * tig + 1] = l1;
-        }
+        write_partial(s_o + warp * HEADS_PER_CTA * OS, s_m + warp * HEADS_PER_CTA,
+                      s_l + warp * HEADS_PER_CTA);
         merge_and_store<D, NW, OS, KV4M_LEAN_MERGE>(
             s_o, nheads, nsplit_b, splits, (long long)b * q_heads + head0,
             b * kv_heads * head_blocks + blockIdx.y, out, part_o, part_lse, tickets);
