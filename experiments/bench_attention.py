@@ -177,6 +177,9 @@ ABLATIONS = [
        ("-DKV4M_OWN_RING_MERGE=0",) + PAGED_ONLY, "ragged", None) for b in ("kv4p", "kv4pw8")],
     ("diag: kv4pw8 returning at entry (the grid's launch)", "paged", "kv4pw8",
      ("-DKV4M_EMPTY=1",) + PAGED_ONLY, "diag", (1,)),
+    # Round 11: the rings as rounds 5-10 had them, 16 bytes past a 128-byte boundary
+    *[(f"{b}, the rings 16 bytes past a 128-byte boundary (rounds 5-10)", "paged", b,
+       ("-DKV4M_SMEM_ALIGN=16",) + PAGED_ONLY, "ragged", None) for b in ("kv4p", "kv4pw8")],
     ("paged kv4p, blocks position-major (tile, sequence, head)", "position", "kv4p", (), "ragged",
      None),
     ("paged kv4pw8, blocks position-major (tile, sequence, head)", "position", "kv4pw8", (),
@@ -672,18 +675,22 @@ def read_pool(pool: torch.Tensor, ctas_per_sm: int = 8, ranges: int | None = Non
 READ_SINK: dict[int, torch.Tensor] = {}
 
 
-def ablate(out_dir: Path, only: list[str] | None = None) -> None:
+def ablate(out_dir: Path, only: list[str] | None = None, rows: list[str] | None = None) -> None:
     """Time every ABLATIONS variant (or those whose label contains one of `only`) on
-    ABLATION_ROWS; each "ragged" variant is checked first on ragged inputs, each non-diagnostic
-    one on the row's data."""
+    ABLATION_ROWS (or those named in `rows` as CONFIG:B:L); each "ragged" variant is checked
+    first on ragged inputs, each non-diagnostic one on the row's data."""
     records, checked = [], {}
+    ablation_rows = [r for r in ABLATION_ROWS if not rows or f"{r[0]}:{r[1]}:{r[2]}" in rows]
+    if rows and len(ablation_rows) != len(rows):
+        raise SystemExit(f"--rows: each of {rows} must be one of "
+                         f"{[f'{c}:{b}:{l}' for c, b, l, _ in ABLATION_ROWS]}")
     variants = [a for a in ABLATIONS if not only or any(
         a[0] == o[1:] if o.startswith("=") else o in a[0] for o in only)]
     for label, layout, build, opts, check, _ in variants:
         if check == "ragged":
             checked[label] = variant_check(layout, build, opts)
             log(f"  check {label}: err {checked[label]:.2e}")
-    for config, B, L, row_splits in ABLATION_ROWS:
+    for config, B, L, row_splits in ablation_rows:
         _, hq, hkv = next(c for c in CONFIGS if c[0] == config)
         cache_kv4 = B * hkv * L * (HEAD_DIM // 2 + 4) * 2
         sets = rotating_sets(B, hq, hkv, L)
@@ -726,14 +733,14 @@ def ablate(out_dir: Path, only: list[str] | None = None) -> None:
         del sets
         torch.cuda.empty_cache()
     (out_dir / "attention_ablation.json").write_text(json.dumps(records, indent=1))
-    rows = [(c, b, l) for c, b, l, _ in ABLATION_ROWS]
-    lines = ["| variant | S | " + " | ".join(f"{c} B{b} L{l}" for c, b, l in rows) + " |",
-             "|---|---|" + "---|" * len(rows)]
+    columns = [(c, b, l) for c, b, l, _ in ablation_rows]
+    lines = ["| variant | S | " + " | ".join(f"{c} B{b} L{l}" for c, b, l in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
     for label, *_ in variants:
         for n in sorted({r["splits"] for r in records if r["variant"] == label}):
             cells = [next((f"{r['us']:.1f}" for r in records if r["variant"] == label and
                            (r["config"], r["batch"], r["context"]) == row and r["splits"] == n), "")
-                     for row in rows]
+                     for row in columns]
             lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
     (out_dir / "attention_ablation.md").write_text("\n".join(lines) + "\n")
     log("\n".join(lines))
@@ -898,6 +905,8 @@ def main() -> int:
     ap.add_argument("--ablate", action="store_true", help="only the kernel-variant ablation")
     ap.add_argument("--variants", nargs="*",
                     help="--ablate: only labels containing one of these (=LABEL: exactly LABEL)")
+    ap.add_argument("--rows", nargs="*", metavar="CONFIG:B:L",
+                    help="--ablate: only these of its rows, e.g. gqa_32q_8kv:16:2048")
     ap.add_argument("--trace", action="store_true", help="only the per-CTA timelines")
     ap.add_argument("--graph-trace", action="store_true",
                     help="only the timelines of calls inside a CUDA graph (GRAPH_TRACES)")
@@ -909,7 +918,7 @@ def main() -> int:
         if args.graph_trace:
             graph_trace(args.out)
         if args.ablate:
-            ablate(args.out, args.variants)
+            ablate(args.out, args.variants, args.rows)
         return 0
     if args.single:
         cfg, B, L, build, S = args.single

@@ -96,10 +96,10 @@ H100_SWEEP = Path(__file__).resolve().parent.parent / "experiments/results/atten
 
 def test_split_plan_against_the_h100_sweep():
     """The planner's constants against the committed H100 run: each row's plan, looked up in that
-    row's sweep of both paged builds over S = 1, 2, 4, 8, 16, is within 4% of the sweep's best at
+    row's sweep of both paged builds over S = 1, 2, 4, 8, 16, is within 3% of the sweep's best at
     batch >= 16 and within 15% at batch 1 (one sequence: 8 or 32 CTAs, partitions matter most).
-    (3% until round 10: with evict-first copies, S = 4 on MHA B64 L8192 runs 3.5% faster than the
-    planned S = 1, and no setting of the wave and merge constants keeps every row within 3%.)"""
+    (Round 10's run needed 4%: S = 4 on MHA B64 L8192 ran 3.5% faster than the planned S = 1.
+    Round 11's aligned rings: 1.8% there, 1.9% at most.)"""
     shapes = [kk.KernelShape(name, 132 * per_sm, b.hbm_bytes_per_s, b.cta_bytes_per_s, b.fixed_s,
                              b.wave_tail, b.wave_start_s)
               for name, per_sm in (("kv4p", 4), ("kv4pw8", 2))  # resident CTAs an SM (the run)
@@ -117,7 +117,7 @@ def test_split_plan_against_the_h100_sweep():
         plan = kk.plan_splits(ctas, int(r["context"]), int(r["head_dim"]) + 8, shapes)
         best = min(t for (b, _), t in sweep.items() if b in ("kv4p", "kv4pw8"))
         ratio = sweep[(plan.kernel, plan.splits)] / best
-        assert ratio <= (1.04 if int(r["batch"]) >= 16 else 1.15), (r["config"], r["batch"],
+        assert ratio <= (1.03 if int(r["batch"]) >= 16 else 1.15), (r["config"], r["batch"],
                                                                     r["context"], plan, ratio)
 
 
@@ -425,6 +425,17 @@ def test_own_ring_merge_gives_the_block_merges_bits(build, head_dim):
             outs.append(out.cpu())
         assert torch.isfinite(outs[0]).all()
         assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16)), (kv_heads, group)
+
+
+@gpu
+@pytest.mark.parametrize("build", ["kv4p", "kv4pw8", "kv4p_pdl", "kv4pw8_pdl", "kv4", "kv4w8"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rings_start_on_a_128_byte_boundary(build, head_dim):
+    """The dynamic shared memory (the query, then the rings the bulk copies fill) starts right
+    after the static shared memory, so that must fill whole 128-byte lines: 16 bytes off (rounds
+    5-10) every copy wrote across lines, up to 12% slower on the H100."""
+    kernel = kk._decode_kernel(build, head_dim)
+    assert kernel.shared_size_bytes % 128 == 0, kernel.shared_size_bytes
 
 
 @gpu
