@@ -943,7 +943,8 @@ __device__ __forceinline__ void cp_async16_full_pf(u32 dst, const void* src) {
 #endif
 // The bulk copies carry an L2 evict-first policy (the cache is read once a call). Measured on the
 // H100 in round 10: kv4pw8 0.7-0.9 us faster on the 36 MB row, 0.4-2.6% on the others (round 5's
-// kernel: mixed). 0: the default policy.
+// kernel: mixed); round 11, the rings aligned: 15.1 vs 16.0 us on the 36 MB row, 0.5-2.4% on the
+// others. 0: the default policy.
 #ifndef KV4P_EVICT_FIRST
 #define KV4P_EVICT_FIRST 1
 #endif
