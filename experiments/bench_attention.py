@@ -46,7 +46,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atom_lab import kv_kernels as kk  # noqa: E402
-from gpu_timing import _capture, time_graph  # noqa: E402  (experiments/ is on sys.path)
+from gpu_timing import capture_graph, time_graph  # noqa: E402  (experiments/ is on sys.path)
 from atom_lab.formats import encode_kv, kv_bytes_per_token  # noqa: E402
 
 HEAD_DIM = 128
@@ -155,24 +155,14 @@ ABLATIONS = [
                          f"-DBULK_SMEM={smem}"), "diag", (1,)) for n, smem in ((2, 100000),
                                                                               (1, 150000))],
     # Round 10: the design's bound on GQA B16 L2048. The math kept, the merge gone (each warp
-    # stores its own partial), then also the table and the query load; and a grid that returns
-    # at entry (what a call costs before any work).
-    *[(f"diag: kv4pw8, no merge (each warp stores its own partial){what}", "paged", "kv4pw8",
+    # stores its own partial after one block barrier), then also the table and the query load,
+    # and without the evict-first policy; and a grid that returns at entry (what a call costs
+    # before any work).
+    *[(f"diag: kv4pw8, no merge, the stores after one block barrier{what}", "paged", "kv4pw8",
        ("-DKV4M_DIAG_RAW_STORE=1",) + flags + PAGED_ONLY, "diag", (1,)) for what, flags in (
         ("", ()), (", without the table", ("-DKV4P_DIRECT=1",)),
-        (", without the table and the query load", ("-DKV4P_DIRECT=1", "-DKV4M_DIAG_NO_QUERY=1")))],
-    ("kv4pw8, the own-ring merge's loops rolled", "paged", "kv4pw8",
-     ("-DKV4M_MERGE_ROLLED=1",) + PAGED_ONLY, "ragged", None),
-    ("diag: kv4pw8, the own-ring partials written, one barrier, no merge", "paged", "kv4pw8",
-     ("-DKV4M_DIAG_RAW_STORE=3",) + PAGED_ONLY, "diag", (1,)),
-    ("diag: kv4pw8, the own-ring merge without weights and division", "paged", "kv4pw8",
-     ("-DKV4M_DIAG_MERGE_SUM=1",) + PAGED_ONLY, "diag", (1,)),
-    ("diag: kv4pw8, no merge, without the L2 evict-first policy", "paged", "kv4pw8",
-     ("-DKV4M_DIAG_RAW_STORE=1", "-DKV4P_EVICT_FIRST=0") + PAGED_ONLY, "diag", (1,)),
-    *[(f"{b}, the output's line prefetched into L2 at entry", "paged", b,
-       ("-DKV4M_OUT_PREFETCH=1",) + PAGED_ONLY, "ragged", None) for b in ("kv4p", "kv4pw8")],
-    ("diag: kv4pw8, no merge, the stores after one block barrier", "paged", "kv4pw8",
-     ("-DKV4M_DIAG_RAW_STORE=2",) + PAGED_ONLY, "diag", (1,)),
+        (", without the table and the query load", ("-DKV4P_DIRECT=1", "-DKV4M_DIAG_NO_QUERY=1")),
+        (", without the L2 evict-first policy", ("-DKV4P_EVICT_FIRST=0",)))],
     *[(f"{b}, round 9's merge (partials after a block barrier, merge_and_store)", "paged", b,
        ("-DKV4M_OWN_RING_MERGE=0",) + PAGED_ONLY, "ragged", None) for b in ("kv4p", "kv4pw8")],
     ("diag: kv4pw8 returning at entry (the grid's launch)", "paged", "kv4pw8",
@@ -187,8 +177,8 @@ ABLATIONS = [
 ]
 # In-graph timelines (-DKV4M_TRACE=1, --graph-trace): (config, batch, context, build, options)
 GRAPH_TRACES = [("gqa_32q_8kv", 16, 2048, "kv4pw8", opts) for opts in (
-    (), ("-DKV4M_DIAG_RAW_STORE=2",), ("-DKV4M_DIAG_RAW_STORE=1",), ("-DKV4P_EVICT_FIRST=0",),
-    ("-DKV4P_EVICT_FIRST=0", "-DKV4M_DIAG_RAW_STORE=2"))]
+    (), ("-DKV4M_DIAG_RAW_STORE=1",), ("-DKV4P_EVICT_FIRST=0",),
+    ("-DKV4P_EVICT_FIRST=0", "-DKV4M_DIAG_RAW_STORE=1"))]
 # (config, batch, context, split-K partition counts)
 ABLATION_ROWS = [("llama7b_mha", 16, 2048, (1,)), ("gqa_32q_8kv", 64, 2048, (1,)),
                  ("gqa_32q_8kv", 16, 8192, (1, 2)), ("gqa_32q_8kv", 64, 8192, (1,)),
@@ -204,8 +194,7 @@ TRACES = [("llama7b_mha", 16, 2048, "paged", "kv4p", 1, ()),
           ("gqa_32q_8kv", 16, 2048, "paged", "kv4pw8", 1, ()),
           ("gqa_32q_8kv", 64, 8192, "paged", "kv4p", 1, ()),
           ("gqa_32q_8kv", 16, 2048, "paged", "kv4pw8", 1, ("-DKV4M_OWN_RING_MERGE=0",)),
-          ("gqa_32q_8kv", 16, 2048, "paged", "kv4pw8", 1, ("-DKV4M_DIAG_RAW_STORE=1",)),
-          ("gqa_32q_8kv", 16, 2048, "paged", "kv4pw8", 1, ("-DKV4M_DIAG_RAW_STORE=2",))]
+          ("gqa_32q_8kv", 16, 2048, "paged", "kv4pw8", 1, ("-DKV4M_DIAG_RAW_STORE=1",))]
 
 
 def log(msg: str) -> None:
@@ -819,7 +808,7 @@ def graph_trace(out_dir: Path) -> None:
         sets = rotating_sets(B, hq, hkv, L)
         plan = split_plan(L, 1, build)
         calls = [lambda s=s: decode(s, "paged", L, plan, s["out4"], opts) for s in sets] * 2
-        graph = _capture(calls, 4)  # 8 x sets calls: an even count, the last one odd
+        graph = capture_graph(calls, 4)  # 8 x sets calls: an even count, the last one odd
         graph.replay()
         torch.cuda.synchronize()
         bufs = trace_buffers(opts)

@@ -31,7 +31,9 @@ def _seconds_per_pass(calls) -> float:
     return max(start.elapsed_time(end), 1e-3) / 1e3
 
 
-def _capture(calls, reps: int):
+def capture_graph(calls, reps: int):
+    """A CUDA graph of `reps` rounds of `calls`, run once eagerly first on a side stream (warm-up
+    and allocations outside the capture)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -55,7 +57,7 @@ def time_graph(calls, target_ms: float = 8.0, replays: int = 7, max_calls: int =
     pass_s = _seconds_per_pass(calls)
     reps = max(1, min(math.ceil(target_ms / 1e3 / pass_s), max(1, max_calls // len(calls))))
     try:
-        graph = _capture(calls, reps)
+        graph = capture_graph(calls, reps)
         run, mode = graph.replay, "graph"
     except Exception as exc:
         if not fallback:

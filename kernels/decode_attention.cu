@@ -418,38 +418,29 @@ __device__ __forceinline__ void merge_and_store(float* s_o, int nheads, int nspl
 // of one head from all warps' partials, with the head's warp weights computed by itself: no
 // serial step and no further barrier. The same operations in the same order as
 // merge_and_store's LEAN path, so the same bits.
-#ifndef KV4M_DIAG_MERGE_SUM
-#define KV4M_DIAG_MERGE_SUM 0  // diagnostic: the own-ring merge's reads and sums, no weights, no
-#endif                         // division (wrong output)
-#ifndef KV4M_MERGE_ROLLED
-#define KV4M_MERGE_ROLLED 0  // 1: the merge's loops over the warps not unrolled (less code)
-#endif
 template <int D, int NW, int WS, int OS>
 __device__ __forceinline__ void merge_own_rings(const float* part, int nheads, long long head_row0,
                                                 u16* __restrict__ out) {
-    constexpr int UNROLL = KV4M_MERGE_ROLLED ? 1 : NW;
     __syncthreads();
     for (int p = threadIdx.x; p < nheads * D / 2; p += NW * 32) {
         const int h = p / (D / 2), d = 2 * (p % (D / 2));
         float mx = NEG_BIG;
-#pragma unroll UNROLL
+#pragma unroll
         for (int w = 0; w < NW; ++w) mx = fmaxf(mx, part[w * WS + HEADS_PER_CTA * OS + h]);
         float sum = 0.f, acc0 = 0.f, acc1 = 0.f;
-#pragma unroll UNROLL
+#pragma unroll
         for (int w = 0; w < NW; ++w) {
             const float* pw = part + w * WS;
             const float m = pw[HEADS_PER_CTA * OS + h];
-            const float f = KV4M_DIAG_MERGE_SUM ? 1.f : fast_exp2(m - mx);
+            const float f = fast_exp2(m - mx);
             sum += f * pw[HEADS_PER_CTA * (OS + 1) + h];
             const float2 x = *reinterpret_cast<const float2*>(pw + h * OS + d);
             acc0 += f * x.x;
             acc1 += f * x.y;
         }
         const bool any = sum > 0.f;
-        const u32 pair = KV4M_DIAG_MERGE_SUM
-                             ? pack_half2(acc0, acc1)
-                             : float_to_half(any ? acc0 / sum : 0.f) |
-                                   (u32)float_to_half(any ? acc1 / sum : 0.f) << 16;
+        const u32 pair = float_to_half(any ? acc0 / sum : 0.f) |
+                         (u32)float_to_half(any ? acc1 / sum : 0.f) << 16;
         *reinterpret_cast<u32*>(out + (head_row0 + h) * D + d) = pair;
     }
 }
@@ -894,14 +885,10 @@ __device__ __forceinline__ void decode_attention(
 #define KV4M_OWN_RING_MERGE 1  // one partition, no cluster: the warps' partials merged from their
 #endif                         // own rings (merge_own_rings; 0, or KV4M_LEAN_MERGE=0:
                                // merge_and_store's path)
-#ifndef KV4M_OUT_PREFETCH
-#define KV4M_OUT_PREFETCH 0  // 1: the CTA's output line prefetched into L2 at entry
-#endif
 #ifndef KV4M_DIAG_RAW_STORE
-#define KV4M_DIAG_RAW_STORE 0   // diagnostic (paged builds): no merge; each warp stores its own
-#endif                          // normalized partial (racy, wrong output: the math kept, the
-                                // merge's cost gone); 2: the same after one block barrier;
-                                // 3: the own-ring partials written first, then as 2
+#define KV4M_DIAG_RAW_STORE 0   // diagnostic (paged builds): no merge; after one block barrier
+#endif                          // each warp stores its own normalized partial (racy, wrong
+                                // output: the math kept, the merge's cost gone)
 #ifndef KV4M_EMPTY
 #define KV4M_EMPTY 0     // diagnostic: return at entry (the cost of launching the grid)
 #endif
@@ -1043,8 +1030,6 @@ __device__ __forceinline__ void decode_kv4m(
     const int stop = min(start + chunk, capacity);  // the prefetch's bound, known without len
     const int max_blocks = capacity / TILE;
     const int* table_row = block_table + ((long long)b * kv_heads + kvh) * max_blocks;
-    if (KV4M_OUT_PREFETCH && threadIdx.x == 0)  // (its page's translation, long before the stores)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(out + ((long long)b * q_heads + head0) * D));
     if constexpr (EARLY) {
         pdl_launch_dependents();
         prefetch_first_blocks<D, NW>(k, table_row, start / TILE, (stop + TILE - 1) / TILE,
@@ -1483,7 +1468,8 @@ __device__ __forceinline__ void decode_kv4m(
         if (KV4M_LOAD_ONLY && l0 == 1.f) out[0] = 0;  // keeps the copies-only reads of the stages
         return;
     }
-    auto store_own_partial = [&]() {  // (diagnostic: racy, the warps' partials not merged)
+    if (PAGED && KV4M_DIAG_RAW_STORE) {
+        __syncthreads();
         u16* dst = out + ((long long)b * q_heads + head0) * D;
         const float r0 = 1.f / l0, r1 = 1.f / l1;  // (this warp's own sums)
 #pragma unroll
@@ -1496,10 +1482,6 @@ __device__ __forceinline__ void decode_kv4m(
                 *reinterpret_cast<u32*>(dst + (2 * tig + 1) * D + d) =
                     pack_half2(o[mt][1] * r1, o[mt][3] * 0.0625f * r1);
         }
-    };
-    if (PAGED && (KV4M_DIAG_RAW_STORE == 1 || KV4M_DIAG_RAW_STORE == 2)) {
-        if (KV4M_DIAG_RAW_STORE == 2) __syncthreads();  // (the wait for the slowest warp alone)
-        store_own_partial();
         return;
     }
     if (PAGED && KV4M_DIAG_STORE_ONLY) {  // the output's stores without the warps' merge
@@ -1545,11 +1527,6 @@ __device__ __forceinline__ void decode_kv4m(
         float* mine = reinterpret_cast<float*>(rings) + warp * WS;  // its copies have all landed
         write_partial(mine, mine + HEADS_PER_CTA * OS, mine + HEADS_PER_CTA * (OS + 1));
         TRACE_MARK(2);
-        if (PAGED && KV4M_DIAG_RAW_STORE == 3) {  // the partials written, the barrier, no merge
-            __syncthreads();
-            store_own_partial();
-            return;
-        }
         merge_own_rings<D, NW, WS, OS>(reinterpret_cast<const float*>(rings), nheads,
                                        (long long)b * q_heads + head0, out);
         return;
